@@ -1,0 +1,252 @@
+"""Domain records shared by the front end and the workers.
+
+Each record owns its conversions: ``to_pb``/``from_pb`` for the public API and
+``to_json``/``from_json`` for Redis. Nothing else reads ``*_pb2`` fields.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from moments.v1 import moments_pb2 as pb
+
+
+def duration_pb(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(round(seconds * 1e9)))
+    return d
+
+
+def duration_s(d: Duration) -> float:
+    return d.ToNanoseconds() / 1e9
+
+
+def timestamp_pb(unix_s: float) -> Timestamp:
+    t = Timestamp()
+    t.FromNanoseconds(int(unix_s * 1e9))
+    return t
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What a caller asked for; zero means the server default. Resolved into a plan by workers."""
+
+    max_fps: float = 0.0
+    max_frames: int = 0
+    budget_tokens: int = 0
+    start_s: float | None = None
+    end_s: float | None = None
+
+    @classmethod
+    def from_pb(cls, m: pb.SamplingOptions) -> "SamplingRequest":
+        return cls(
+            max_fps=m.max_fps,
+            max_frames=m.max_frames,
+            budget_tokens=m.budget_tokens,
+            start_s=duration_s(m.start_offset) if m.HasField("start_offset") else None,
+            end_s=duration_s(m.end_offset) if m.HasField("end_offset") else None,
+        )
+
+    def to_pb(self) -> pb.SamplingOptions:
+        m = pb.SamplingOptions(
+            max_fps=self.max_fps, max_frames=self.max_frames, budget_tokens=self.budget_tokens
+        )
+        if self.start_s is not None:
+            m.start_offset.CopyFrom(duration_pb(self.start_s))
+        if self.end_s is not None:
+            m.end_offset.CopyFrom(duration_pb(self.end_s))
+        return m
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Probed facts of a stored video file."""
+
+    video_id: str
+    size_bytes: int
+    duration_s: float
+    native_fps: float
+    width: int
+    height: int
+    codec: str
+    container: str
+    variable_frame_rate: bool = False
+    rotation_degrees: int = 0
+    frame_count: int = 0
+    start_time_s: float = 0.0
+    bit_rate: int = 0
+    filename: str = ""
+    create_time_s: float = 0.0
+
+    def to_pb(self) -> pb.Video:
+        return pb.Video(
+            video_id=self.video_id,
+            filename=self.filename,
+            size_bytes=self.size_bytes,
+            duration=duration_pb(self.duration_s),
+            native_fps=self.native_fps,
+            variable_frame_rate=self.variable_frame_rate,
+            width=self.width,
+            height=self.height,
+            codec=self.codec,
+            container=self.container,
+            rotation_degrees=self.rotation_degrees,
+            frame_count=self.frame_count,
+            create_time=timestamp_pb(self.create_time_s),
+        )
+
+    def to_redis(self) -> dict[str, str]:
+        return {k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_redis(cls, h: dict[Any, Any]) -> "VideoInfo":
+        decoded = {_s(k): json.loads(_s(v)) for k, v in h.items()}
+        known = {k: v for k, v in decoded.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A span where a query's event happens, in seconds from the start of the video."""
+
+    start_s: float
+    end_s: float
+    confidence: float = 0.0
+
+    def to_pb(self) -> pb.Segment:
+        return pb.Segment(
+            start_offset=duration_pb(self.start_s),
+            end_offset=duration_pb(self.end_s),
+            confidence=self.confidence,
+        )
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query_index: int
+    query: str
+    segments: tuple[Segment, ...]
+    raw_answer: str
+
+    def to_pb(self) -> pb.QueryResult:
+        return pb.QueryResult(
+            query_index=self.query_index,
+            query=self.query,
+            segments=[s.to_pb() for s in self.segments],
+            raw_answer=self.raw_answer,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query_index": self.query_index,
+            "query": self.query,
+            "segments": [asdict(s) for s in self.segments],
+            "raw_answer": self.raw_answer,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QueryResult":
+        return cls(
+            query_index=d["query_index"],
+            query=d["query"],
+            segments=tuple(Segment(**s) for s in d["segments"]),
+            raw_answer=d["raw_answer"],
+        )
+
+
+CACHE_OUTCOMES = {
+    "miss": pb.CACHE_MISS,
+    "tokens": pb.CACHE_HIT_TOKENS,
+    "kv": pb.CACHE_HIT_KV,
+    "bypassed": pb.CACHE_BYPASSED,
+}
+
+
+@dataclass
+class JobStats:
+    sampled_fps: float = 0.0
+    frames: int = 0
+    visual_tokens: int = 0
+    frame_width: int = 0
+    frame_height: int = 0
+    cache: str = ""
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
+    model: str = ""
+    attempt: int = 0
+
+    def to_pb(self) -> pb.JobStats:
+        return pb.JobStats(
+            sampled_fps=self.sampled_fps,
+            frames=self.frames,
+            visual_tokens=self.visual_tokens,
+            frame_width=self.frame_width,
+            frame_height=self.frame_height,
+            cache=CACHE_OUTCOMES.get(self.cache, pb.CACHE_OUTCOME_UNSPECIFIED),
+            stage_ms=self.stage_ms,
+            worker=self.worker,
+            model=self.model,
+            attempt=self.attempt,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobStats":
+        return cls(**d)
+
+
+JOB_KINDS = ("localize", "index")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A unit of work for a worker. Its payload lives in a Redis hash keyed by ``job_id``."""
+
+    kind: str
+    video_id: str
+    blob_path: str
+    queries: tuple[str, ...] = ()
+    sampling: SamplingRequest = SamplingRequest()
+    max_new_tokens: int = 0
+    tenant: str = ""
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_s: float = field(default_factory=time.time)
+    deadline_s: float = 0.0
+    """Unix time after which nobody waits for the result (0 = none)."""
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "Job":
+        d = json.loads(raw)
+        d["queries"] = tuple(d["queries"])
+        d["sampling"] = SamplingRequest(**d["sampling"])
+        return cls(**d)
+
+
+# Event kinds on a job's event stream (``keys.job_events``).
+EVENT_PROGRESS = "progress"
+EVENT_RESULT = "result"
+EVENT_DONE = "done"
+EVENT_FAILED = "failed"
+
+STAGES = {
+    "queued": pb.QUEUED,
+    "decoding": pb.DECODING,
+    "encoding": pb.ENCODING,
+    "prefilling": pb.PREFILLING,
+    "generating": pb.GENERATING,
+    "done": pb.DONE,
+}
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else v

@@ -1,0 +1,1 @@
+"""The gRPC front end: uploads, validation, auth, health, job submission. Never imports torch."""
