@@ -1,0 +1,113 @@
+"""One interceptor for every Moments RPC: API-key auth and quotas, domain error -> status, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from moments import errors
+from service import metrics
+from service.auth import Authenticator, current_tenant
+from service.status import to_status
+
+log = logging.getLogger(__name__)
+SERVICE_PREFIX = "/moments.v1.Moments/"
+
+
+class MomentsInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps handlers of the Moments service; health and reflection pass through untouched."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        name = method[len(SERVICE_PREFIX):]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(name, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(name, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(name, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _enter(self, context) -> tuple:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+        key = self.auth.authenticate(metadata)
+        current_tenant.set(key.tenant)
+        slot = await self.auth.acquire(key)
+        return key, slot
+
+    def _unary(self, name, behavior):
+        async def wrapper(request, context):
+            start = time.perf_counter()
+            code = "OK"
+            acquired = None
+            try:
+                acquired = await self._enter(context)
+                return await behavior(request, context)
+            except errors.MomentsError as exc:
+                code = type(exc).__name__
+                await context.abort_with_status(to_status(exc))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                code = "CANCELLED"
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place unknown errors become INTERNAL
+                code = "INTERNAL"
+                await context.abort_with_status(to_status(exc))
+            finally:
+                await self._leave(acquired)
+                metrics.REQUESTS.labels(name, code).inc()
+                metrics.LATENCY.labels(name).observe(time.perf_counter() - start)
+
+        return wrapper
+
+    def _streaming(self, name, behavior):
+        async def wrapper(request, context):
+            start = time.perf_counter()
+            code = "OK"
+            acquired = None
+            try:
+                acquired = await self._enter(context)
+                async for item in behavior(request, context):
+                    yield item
+            except errors.MomentsError as exc:
+                code = type(exc).__name__
+                await context.abort_with_status(to_status(exc))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                code = "CANCELLED"
+                raise
+            except Exception as exc:  # noqa: BLE001
+                code = "INTERNAL"
+                await context.abort_with_status(to_status(exc))
+            finally:
+                await self._leave(acquired)
+                metrics.REQUESTS.labels(name, code).inc()
+                metrics.LATENCY.labels(name).observe(time.perf_counter() - start)
+
+        return wrapper
+
+    async def _leave(self, acquired) -> None:
+        if acquired and acquired[1]:
+            try:
+                await self.auth.release(acquired[0])
+            except Exception:  # noqa: BLE001 - Redis may be down; the counter expires
+                log.warning("could not release concurrency slot of %s", acquired[0].tenant)

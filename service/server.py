@@ -1,0 +1,127 @@
+"""Builds and runs the gRPC front end: servicer, health, reflection, metrics, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from moments import keys
+from moments.config import Settings
+from moments.v1 import moments_pb2, moments_pb2_grpc
+from service.auth import Authenticator, parse_api_keys
+from service.blobstore import BlobStore
+from service.interceptor import MomentsInterceptor
+from service.jobs import JobClient
+from service.servicer import MomentsServicer
+from service.uploads import Uploads
+from service.videos import VideoCatalog
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = moments_pb2.DESCRIPTOR.services_by_name["Moments"].full_name
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+JANITOR_INTERVAL_S = 60.0
+
+
+@dataclass
+class FrontEnd:
+    server: grpc.aio.Server
+    health: health.HealthServicer
+    redis: aioredis.Redis
+    uploads: Uploads
+    port: int
+    janitor: asyncio.Task | None = None
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Report NOT_SERVING, then let calls in flight finish for up to ``grace_s``."""
+        for name in ("", SERVICE_NAME):
+            await _set_health(self.health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.janitor:
+            self.janitor.cancel()
+        await self.server.stop(grace_s)
+        await self.redis.aclose()
+
+
+async def drop_token_cache(redis: aioredis.Redis, video_id: str) -> int:
+    """Delete every cached visual-token entry of a video; returns the number of entries."""
+    members = await redis.smembers(keys.video_token_keys(video_id))
+    names = [m.decode() for m in members]
+    entries = sum(1 for n in names if n.endswith(":manifest"))
+    if names:
+        await redis.delete(*names)
+    await redis.delete(keys.video_token_keys(video_id))
+    return entries
+
+
+async def start_front_end(settings: Settings) -> FrontEnd:
+    redis = aioredis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0, health_check_interval=10
+    )
+    blobs = BlobStore(settings.blob_dir, settings.upload_dir)
+    catalog = VideoCatalog(redis, blobs)
+    uploads = Uploads(settings, redis, blobs, catalog)
+    auth = Authenticator(parse_api_keys(settings.api_keys), redis)
+    server = grpc.aio.server(
+        interceptors=[MomentsInterceptor(auth)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ],
+    )
+    servicer = MomentsServicer(
+        settings, uploads, catalog, JobClient(settings, redis), blobs,
+        lambda video_id: drop_token_cache(redis, video_id),
+    )
+    moments_pb2_grpc.add_MomentsServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_secure_port(settings.listen, _credentials(settings)) if settings.tls_cert \
+        else server.add_insecure_port(settings.listen)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    front = FrontEnd(server, health_servicer, redis, uploads, port)
+    front.janitor = asyncio.create_task(_janitor(uploads))
+    log.info("front end listening on port %d (tls=%s, auth=%s)", port, bool(settings.tls_cert),
+             auth.enabled)
+    return front
+
+
+async def _set_health(servicer, name: str, status) -> None:
+    result = servicer.set(name, status)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(settings.tls_key), read(settings.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def _janitor(uploads: Uploads) -> None:
+    while True:
+        try:
+            await uploads.expire_abandoned()
+        except Exception:  # noqa: BLE001 - Redis may be briefly down; try again next round
+            log.warning("upload janitor could not run", exc_info=True)
+        await asyncio.sleep(JANITOR_INTERVAL_S)

@@ -1,0 +1,88 @@
+"""The one mapping from domain errors to gRPC status codes with ``google.rpc`` details."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from moments import errors
+
+log = logging.getLogger(__name__)
+
+
+def _any(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """Build the rich status for a domain error; anything unknown becomes INTERNAL."""
+    details: list[any_pb2.Any] = []
+    if isinstance(exc, errors.InvalidArgument):
+        code = code_pb2.INVALID_ARGUMENT
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=exc.field, description=exc.message
+        )
+        details.append(_any(error_details_pb2.BadRequest(field_violations=[violation])))
+    elif isinstance(exc, errors.NotFound):
+        code = code_pb2.NOT_FOUND
+    elif isinstance(exc, errors.FailedPrecondition):
+        code = code_pb2.FAILED_PRECONDITION
+        if exc.committed_bytes is not None:
+            details.append(
+                _any(
+                    error_details_pb2.ErrorInfo(
+                        reason="WRONG_OFFSET",
+                        domain="moments.v1",
+                        metadata={
+                            "committed_bytes": str(exc.committed_bytes),
+                            "upload_id": exc.upload_id,
+                        },
+                    )
+                )
+            )
+    elif isinstance(exc, errors.ResourceExhausted):
+        code = code_pb2.RESOURCE_EXHAUSTED
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(exc.retry_after_s * 1000))
+        details.append(_any(error_details_pb2.RetryInfo(retry_delay=delay)))
+    elif isinstance(exc, errors.Unavailable):
+        code = code_pb2.UNAVAILABLE
+    elif isinstance(exc, errors.Unauthenticated):
+        code = code_pb2.UNAUTHENTICATED
+    elif isinstance(exc, errors.DeadlineExceeded):
+        code = code_pb2.DEADLINE_EXCEEDED
+    elif isinstance(exc, errors.JobFailed):
+        code = code_pb2.ABORTED
+        details.append(
+            _any(error_details_pb2.ErrorInfo(reason="JOB_FAILED", domain="moments.v1"))
+        )
+    else:
+        log.exception("internal error", exc_info=exc)
+        code = code_pb2.INTERNAL
+        return rpc_status.to_status(status_pb2.Status(code=code, message="internal error"))
+    message = exc.message if isinstance(exc, errors.MomentsError) else str(exc)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
+
+
+def error_from_rpc(error: grpc.RpcError) -> errors.MomentsError | None:
+    """Client side: the domain error a status carries (None for codes without one)."""
+    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    code = error.code() if hasattr(error, "code") else None
+    message = error.details() if hasattr(error, "details") else str(error)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and status is not None:
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Is(info.DESCRIPTOR):
+                detail.Unpack(info)
+                return errors.FailedPrecondition(
+                    message,
+                    committed_bytes=int(info.metadata.get("committed_bytes", "0")),
+                    upload_id=info.metadata.get("upload_id", ""),
+                )
+    return None

@@ -1,0 +1,78 @@
+"""The video catalog: probed facts per blob, ownership per tenant, paging, deletion."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import redis.asyncio as aioredis
+
+from moments import errors, keys
+from moments.records import VideoInfo
+from service.blobstore import SHA256_RE, BlobStore
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+
+
+class VideoCatalog:
+    """Videos are stored once per content and owned by every tenant that uploaded them."""
+
+    def __init__(self, redis: aioredis.Redis, blobs: BlobStore) -> None:
+        self.redis = redis
+        self.blobs = blobs
+
+    async def add(self, tenant: str, info: VideoInfo) -> VideoInfo:
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for field, value in info.to_redis().items():
+                pipe.hsetnx(keys.video(info.video_id), field, value)
+            pipe.zadd(keys.VIDEO_INDEX, {info.video_id: now}, nx=True)
+            pipe.zadd(keys.tenant_videos(tenant), {info.video_id: now}, nx=True)
+            pipe.sadd(keys.video_owners(info.video_id), tenant)
+            await pipe.execute()
+        return await self.get_owned(tenant, info.video_id)
+
+    async def get_owned(
+        self, tenant: str, video_id: str, *, missing_ok: bool = False
+    ) -> VideoInfo | None:
+        if not SHA256_RE.match(video_id):
+            raise errors.InvalidArgument("video_id must be a lower-case hex sha256", field="video_id")
+        created = await self.redis.zscore(keys.tenant_videos(tenant), video_id)
+        raw = await self.redis.hgetall(keys.video(video_id)) if created is not None else None
+        if not raw:
+            if missing_ok:
+                return None
+            raise errors.NotFound(f"video {video_id} not found")
+        info = VideoInfo.from_redis(raw)
+        return VideoInfo(**{**info.__dict__, "create_time_s": created})
+
+    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[VideoInfo], str]:
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        try:
+            start = int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else 0
+        except ValueError:
+            raise errors.InvalidArgument("malformed page_token", field="page_token") from None
+        ids = await self.redis.zrevrange(keys.tenant_videos(tenant), start, start + size)
+        videos = []
+        for raw_id in ids[:size]:
+            video = await self.get_owned(tenant, raw_id.decode(), missing_ok=True)
+            if video is not None:
+                videos.append(video)
+        token = base64.urlsafe_b64encode(str(start + size).encode()).decode() if len(ids) > size else ""
+        return videos, token
+
+    async def remove(self, tenant: str, video_id: str) -> bool:
+        """Drop the tenant's ownership; True when no owner remains (blob and record deleted)."""
+        await self.get_owned(tenant, video_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.tenant_videos(tenant), video_id)
+            pipe.srem(keys.video_owners(video_id), tenant)
+            pipe.scard(keys.video_owners(video_id))
+            *_, remaining = await pipe.execute()
+        if remaining:
+            return False
+        await self.redis.delete(keys.video(video_id), keys.video_owners(video_id))
+        await self.redis.zrem(keys.VIDEO_INDEX, video_id)
+        self.blobs.delete(video_id)
+        return True

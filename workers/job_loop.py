@@ -1,0 +1,233 @@
+"""The worker's job loop: at-least-once delivery over a Redis Streams consumer group.
+
+Order of reads: this consumer's own pending entries (after a restart under the same name), then
+entries idle past the lease in other consumers' lists (XAUTOCLAIM: their worker died), then new
+entries. A job is acknowledged only after its result (or its final failure) is stored. While a job
+runs, its entry's idle time is reset every few seconds (XCLAIM ... JUSTID), so live work is never
+stolen. Retries are bounded; the last failure goes to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from moments import errors, jobs, keys
+from moments.config import Settings
+from moments.jobs import Event
+from moments.records import Job, JobStats, VideoInfo
+
+log = logging.getLogger(__name__)
+
+RunJob = Callable[[Job, VideoInfo, "JobContext"], Awaitable[JobStats]]
+
+
+class JobCancelled(Exception):
+    """The caller went away or the deadline passed; stop the job's remaining work."""
+
+
+class JobContext:
+    """What a running job may do: publish events, check whether it should stop."""
+
+    def __init__(self, redis: aioredis.Redis, job: Job, attempt: int) -> None:
+        self.redis = redis
+        self.job = job
+        self.attempt = attempt
+
+    async def emit(self, kind: str, data: dict) -> None:
+        await self.redis.xadd(keys.job_events(self.job.job_id), Event(kind, data).to_fields())
+
+    async def progress(self, stage: str, done: int = 0, total: int = 0, message: str = "") -> None:
+        await self.emit("progress", {"stage": stage, "done": done, "total": total, "message": message})
+
+    async def check_cancelled(self) -> None:
+        if self.job.deadline_s and time.time() > self.job.deadline_s:
+            raise JobCancelled("deadline passed")
+        if await self.redis.exists(keys.job_cancel(self.job.job_id)):
+            raise JobCancelled("cancelled by the caller")
+
+
+class JobLoop:
+    """Consumes jobs one at a time and runs them with ``run_job``."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, run_job: RunJob, name: str) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.run_job = run_job
+        self.name = name
+        self.lease_ms = int(settings.job_lease_s * 1000)
+        self._stopping = asyncio.Event()
+        self.jobs_done = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Run until ``stop()``; raises FatalDeviceError (unacknowledged jobs go to others)."""
+        await self._ensure_group()
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._drain_own_pending()
+            while not self._stopping.is_set():
+                entry = await self._next_entry()
+                if entry is not None:
+                    await self._handle(*entry)
+        finally:
+            beat.cancel()
+            try:
+                await self.redis.hdel(keys.WORKERS_HASH, self.name)
+            except Exception:  # noqa: BLE001 - Redis gone; the heartbeat goes stale by itself
+                pass
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(keys.JOBS_STREAM, keys.JOBS_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.redis.hset(keys.WORKERS_HASH, self.name, time.time())
+            except Exception:  # noqa: BLE001 - keep beating once Redis is back
+                log.warning("heartbeat failed; Redis unreachable")
+            await asyncio.sleep(jobs.HEARTBEAT_INTERVAL_S)
+
+    async def _drain_own_pending(self) -> None:
+        reply = await self.redis.xreadgroup(
+            keys.JOBS_GROUP, self.name, {keys.JOBS_STREAM: "0"}, count=1000
+        )
+        for entry_id, fields in reply[0][1] if reply else []:
+            if fields:
+                await self._handle(entry_id, fields)
+
+    async def _next_entry(self):
+        try:
+            claimed = await self.redis.xautoclaim(
+                keys.JOBS_STREAM, keys.JOBS_GROUP, self.name, self.lease_ms, "0-0", count=1
+            )
+            if claimed[1]:
+                entry_id, fields = claimed[1][0]
+                log.info("reclaimed entry %s from a silent worker", entry_id)
+                return entry_id, fields
+            reply = await self.redis.xreadgroup(
+                keys.JOBS_GROUP, self.name, {keys.JOBS_STREAM: ">"}, count=1, block=1000
+            )
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            log.warning("Redis unreachable; retrying in 1 s")
+            await asyncio.sleep(1.0)
+            return None
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                await self._ensure_group()
+                return None
+            raise
+        if not reply or not reply[0][1]:
+            return None
+        return reply[0][1][0]
+
+    async def _handle(self, entry_id, fields) -> None:
+        job_id = fields[b"job_id"].decode()
+        raw = await self.redis.hgetall(keys.job(job_id))
+        if not raw or raw.get(b"state") in (jobs.DONE.encode(), jobs.FAILED.encode()):
+            await self._ack(entry_id)
+            return
+        job = Job.from_json(raw[b"payload"])
+        attempt = await self.redis.hincrby(keys.job(job_id), "attempts", 1)
+        if attempt > self.settings.job_max_attempts:
+            reason = raw.get(b"last_error", b"unknown error").decode()
+            await self._fail(entry_id, job, f"gave up after {attempt - 1} attempts: {reason}",
+                             dead_letter=True)
+            return
+        started = time.monotonic()
+        await self.redis.hset(keys.job(job_id), mapping={"state": jobs.RUNNING, "worker": self.name})
+        log.info("job %s running video=%s attempt=%d", job_id, job.video_id, attempt)
+        hold = asyncio.create_task(self._hold(entry_id))
+        context = JobContext(self.redis, job, attempt)
+        try:
+            await context.check_cancelled()
+            info_raw = await self.redis.hgetall(keys.video(job.video_id))
+            if not info_raw:
+                raise errors.NotFound(f"video {job.video_id} was deleted")
+            stats = await self.run_job(job, VideoInfo.from_redis(info_raw), context)
+        except JobCancelled as exc:
+            await self._fail(entry_id, job, str(exc))
+            return
+        except errors.FatalDeviceError:
+            log.critical("job %s hit a fatal device error; leaving the group", job_id)
+            self.stop()
+            raise
+        except (errors.MomentsError, ValueError) as exc:
+            await self._fail(entry_id, job, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a model error fails the job, not the worker
+            log.exception("job %s attempt %d failed", job_id, attempt)
+            await self._retry_or_fail(entry_id, job, attempt, f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            hold.cancel()
+        stats.worker = self.name
+        stats.attempt = attempt
+        stats.stage_ms["total"] = (time.monotonic() - started) * 1000
+        stats.stage_ms["queue"] = max(0.0, (time.time() - job.created_s) * 1000 - stats.stage_ms["total"])
+        await self._finish(entry_id, job, jobs.DONE, stats.__dict__)
+        self.jobs_done += 1
+        log.info("job %s done video=%s in %.0f ms (cache %s)", job_id, job.video_id,
+                 stats.stage_ms["total"], stats.cache)
+
+    async def _hold(self, entry_id) -> None:
+        """Reset the entry's idle time so XAUTOCLAIM never takes live work."""
+        interval_s = max(0.5, self.settings.job_lease_s / 4)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.redis.xclaim(
+                    keys.JOBS_STREAM, keys.JOBS_GROUP, self.name, 0, [entry_id], justid=True
+                )
+            except Exception:  # noqa: BLE001
+                log.warning("could not refresh the hold on %s", entry_id)
+
+    async def _retry_or_fail(self, entry_id, job: Job, attempt: int, reason: str) -> None:
+        await self.redis.hset(keys.job(job.job_id), "last_error", reason)
+        if attempt >= self.settings.job_max_attempts:
+            await self._fail(entry_id, job, f"failed {attempt} times: {reason}", dead_letter=True)
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(job.job_id), "state", jobs.QUEUED)
+            pipe.xadd(keys.JOBS_STREAM, {"job_id": job.job_id})
+            pipe.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
+            await pipe.execute()
+        log.info("job %s requeued after attempt %d: %s", job.job_id, attempt, reason)
+
+    async def _fail(self, entry_id, job: Job, reason: str, *, dead_letter: bool = False) -> None:
+        if dead_letter:
+            await self.redis.xadd(
+                keys.DEAD_LETTER_STREAM,
+                {"job_id": job.job_id, "video_id": job.video_id, "reason": reason, "time": time.time()},
+            )
+        log.info("job %s failed video=%s: %s", job.job_id, job.video_id, reason)
+        await self._finish(entry_id, job, jobs.FAILED, {"reason": reason})
+
+    async def _finish(self, entry_id, job: Job, state: str, data: dict) -> None:
+        dedupe = await self.redis.hget(keys.job(job.job_id), "dedupe")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(job.job_id), mapping={"state": state, "outcome": Event(state, data).to_fields()["data"]})
+            pipe.xadd(keys.job_events(job.job_id), Event(state, data).to_fields())
+            pipe.expire(keys.job(job.job_id), jobs.EVENTS_TTL_S)
+            pipe.expire(keys.job_events(job.job_id), jobs.EVENTS_TTL_S)
+            pipe.zrem(jobs.OPEN_JOBS, job.job_id)
+            if dedupe:
+                pipe.delete(dedupe.decode())
+            pipe.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
+            await pipe.execute()
+
+    async def _ack(self, entry_id) -> None:
+        await self.redis.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
