@@ -1,0 +1,64 @@
+"""Run the real ``moments serve`` stack (front end in a thread's event loop, worker processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+from moments.config import Settings
+from moments.serve import Stack
+
+
+def stack_settings(redis_url: str, data_dir: Path, model_dir: Path, **overrides) -> Settings:
+    """Settings sized for 2 CPU cores and the tiny model."""
+    base = dict(
+        redis_url=redis_url,
+        data_dir=str(data_dir),
+        listen="127.0.0.1:0",
+        model=str(model_dir),
+        device="cpu",
+        budget_tokens=512,
+        max_frames=64,
+        max_new_tokens=12,
+        job_timeout_s=120.0,
+        job_lease_s=6.0,
+        probe_timeout_s=20.0,
+        kv_cache_bytes=256 * 1024**2,
+    )
+    base.update(overrides)
+    return Settings.from_env(environ={}, **base)
+
+
+class ThreadedStack:
+    """A Stack whose event loop runs in a background thread, so tests use the blocking client."""
+
+    def __init__(self, settings: Settings, workers: int = 1) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.stack = Stack(settings, workers=workers)
+
+    def run(self, coro, timeout_s: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def __enter__(self) -> "ThreadedStack":
+        self.run(self.stack.__aenter__())
+        if self.stack.worker_count:
+            self.stack.wait_for_workers(timeout_s=120)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.run(self.stack.close(), timeout_s=90)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+    @property
+    def target(self) -> str:
+        return self.stack.target
+
+    @property
+    def settings(self) -> Settings:
+        return self.stack.settings

@@ -1,0 +1,84 @@
+"""API keys, tenants and quotas on a real front end (no worker needed)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moments.client import MomentsClient
+from moments.synthetic import Event, write_event_video
+from service.auth import hash_key
+from tests.stack import ThreadedStack, stack_settings
+
+KEYS = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret"}
+
+
+@pytest.fixture(scope="module")
+def front(redis_server, tmp_path_factory):
+    redis_server.client().flushall()
+    spec = ",".join([
+        f"alice:{hash_key(KEYS['alice'])}",
+        f"bob:{hash_key(KEYS['bob'])}",
+        f"carol:{hash_key(KEYS['carol'])}:2",  # 2 requests per second
+    ])
+    settings = stack_settings(redis_server.url, tmp_path_factory.mktemp("data"), "unused", api_keys=spec)
+    with ThreadedStack(settings, workers=0) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return write_event_video(tmp_path_factory.mktemp("v") / "a.mp4", [Event("red", "square", 1, 2)],
+                             seconds=4, fps=4)
+
+
+def test_missing_and_wrong_keys_are_unauthenticated(front):
+    for key in (None, "not-a-key"):
+        with MomentsClient(front.target, api_key=key) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.list_videos())
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_needs_no_key(front):
+    with grpc.insecure_channel(front.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_videos_belong_to_their_tenant(front, video, tmp_path, monkeypatch):
+    monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "state.json")
+    with MomentsClient(front.target, api_key=KEYS["alice"]) as alice, \
+            MomentsClient(front.target, api_key=KEYS["bob"]) as bob:
+        video_id = alice.upload(video).video.video_id
+        with pytest.raises(grpc.RpcError) as err:
+            bob.get_video(video_id)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert video_id not in [v.video_id for v in bob.list_videos()]
+        # Bob must send the bytes himself: no short cut reveals that Alice has them.
+        second = bob.upload(video)
+        assert not second.deduplicated and second.video.video_id == video_id
+        blobs = [p for p in front.settings.blob_dir.rglob("*") if p.is_file()]
+        assert len(blobs) == 1
+        bob.delete_video(video_id)
+        assert alice.get_video(video_id).video_id == video_id
+        assert blobs[0].exists(), "Alice still owns the blob"
+
+
+def test_rate_quota_gives_resource_exhausted_with_retry_info(front):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    with MomentsClient(front.target, api_key=KEYS["carol"]) as carol:
+        codes = []
+        for _ in range(6):
+            try:
+                list(carol.list_videos())
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+                last = exc
+        assert "RESOURCE_EXHAUSTED" in codes and codes[0] == "OK"
+        details = rpc_status.from_call(last).details
+        assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)

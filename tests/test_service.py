@@ -1,0 +1,219 @@
+"""End to end over real gRPC, a real Redis, real video files and the tiny Qwen2.5-VL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from moments.client import MomentsClient
+from moments.records import SamplingRequest
+from moments.synthetic import Event, write_event_video
+from moments.v1 import moments_pb2 as pb
+from tests.stack import ThreadedStack, stack_settings
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tiny_model_dir, tmp_path_factory):
+    redis_server.client().flushall()
+    data = tmp_path_factory.mktemp("data")
+    with ThreadedStack(stack_settings(redis_server.url, data, tiny_model_dir)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(stack, tmp_path, monkeypatch):
+    monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "uploads.json")
+    with MomentsClient(stack.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("videos") / "events.mp4"
+    return write_event_video(path, [Event("red", "circle", 3.0, 7.0)], seconds=12, fps=8)
+
+
+def bad_request(exc: grpc.RpcError) -> error_details_pb2.BadRequest:
+    status = rpc_status.from_call(exc)
+    for detail in status.details:
+        br = error_details_pb2.BadRequest()
+        if detail.Is(br.DESCRIPTOR):
+            detail.Unpack(br)
+            return br
+    raise AssertionError(f"no BadRequest in {status}")
+
+
+def blob_files(stack) -> list[str]:
+    return sorted(str(p) for p in (stack.settings.blob_dir).rglob("*") if p.is_file())
+
+
+def part_files(stack) -> list[str]:
+    return sorted(str(p) for p in stack.settings.upload_dir.glob("*.part"))
+
+
+def test_upload_then_localize_two_queries_and_repeat_hits_cache(client, video_file):
+    uploaded = client.upload(video_file)
+    video = uploaded.video
+    assert video.video_id == hashlib.sha256(video_file.read_bytes()).hexdigest()
+    assert abs(video.duration.ToNanoseconds() / 1e9 - 12.0) < 0.2
+    assert (video.width, video.height) == (224, 168) and video.codec == "h264"
+
+    queries = ["the red circle appears", "the screen goes dark"]
+    first = client.localize(video.video_id, queries, timeout_s=120)
+    assert [r.query for r in first.results] == queries
+    assert [r.query_index for r in first.results] == [0, 1]
+    for result in first.results:
+        assert isinstance(result.raw_answer, str)
+        for seg in result.segments:
+            start, end = seg.start_offset.ToNanoseconds() / 1e9, seg.end_offset.ToNanoseconds() / 1e9
+            assert 0 <= start < end <= 12.0 + 1e-6
+            assert 0.0 <= seg.confidence <= 1.0
+    stats = first.stats
+    assert stats.cache == pb.CACHE_MISS
+    assert stats.frames >= 4 and stats.frames % 2 == 0
+    assert abs(2.0 / stats.sampled_fps - round(2.0 / stats.sampled_fps)) < 1e-9
+    assert stats.visual_tokens == stats.frames // 2 * (stats.frame_width // 28) * (stats.frame_height // 28)
+    assert {"decode", "encode", "prefill", "generate", "total"} <= set(stats.stage_ms)
+    assert stats.worker and stats.model and stats.attempt == 1
+
+    again = client.localize(video.video_id, queries, timeout_s=120)
+    assert again.stats.cache == pb.CACHE_HIT_KV
+    assert "decode" not in again.stats.stage_ms and "prefill" not in again.stats.stage_ms
+    assert [r.raw_answer for r in again.results] == [r.raw_answer for r in first.results]
+
+
+def test_index_warms_the_token_cache_for_later_questions(client, video_file):
+    video_id = client.upload(video_file).video.video_id
+    sampling = SamplingRequest(budget_tokens=256)
+    events = list(client.index(video_id, sampling=sampling, timeout_s=120))
+    stages = [e.progress.stage for e in events if e.WhichOneof("event") == "progress"]
+    assert pb.DECODING in stages and pb.ENCODING in stages
+    assert events[-1].WhichOneof("event") == "done"
+    assert events[-1].done.cache in (pb.CACHE_MISS, pb.CACHE_HIT_TOKENS)
+    answer = client.localize(video_id, ["the red circle appears"], sampling=sampling, timeout_s=120)
+    assert answer.stats.cache == pb.CACHE_HIT_TOKENS
+    assert "decode" not in answer.stats.stage_ms and "prefill" in answer.stats.stage_ms
+
+
+def test_stream_localize_reports_progress_then_results(client, video_file):
+    video_id = client.upload(video_file).video.video_id
+    events = list(client.stream_localize(video_id, ["a", "b", "c"], timeout_s=120))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "progress" and kinds[-1] == "done"
+    assert sorted(e.result.query_index for e in events if e.WhichOneof("event") == "result") == [0, 1, 2]
+
+
+def test_same_bytes_twice_give_same_video_and_one_blob(client, stack, video_file):
+    first = client.upload(video_file)
+    before = blob_files(stack)
+    second = client.upload(video_file)
+    assert second.video.video_id == first.video.video_id
+    assert second.deduplicated
+    assert blob_files(stack) == before
+
+
+def test_wrong_sha256_is_rejected_and_leaves_no_file(client, stack, tmp_path):
+    data = os.urandom(5000)
+    header = pb.UploadHeader(size_bytes=len(data), sha256="0" * 64, filename="x.mp4")
+    messages = [pb.UploadVideoRequest(header=header),
+                pb.UploadVideoRequest(chunk=pb.UploadChunk(offset=0, data=data))]
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.UploadVideo(iter(messages))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err.value).field_violations[0].field == "header.sha256"
+    assert part_files(stack) == []
+    assert not (stack.settings.blob_dir / "sha256" / "00").exists()
+
+
+def test_non_video_is_rejected_with_a_reason(client, stack, tmp_path):
+    text = tmp_path / "notes.mp4"
+    text.write_text("these are not the frames you are looking for\n" * 100)
+    before = blob_files(stack)
+    with pytest.raises(grpc.RpcError) as err:
+        client.upload(text)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violation = bad_request(err.value).field_violations[0]
+    assert violation.description
+    assert part_files(stack) == [] and blob_files(stack) == before
+
+
+def test_upload_resumes_after_a_cut_stream(client, stack, tmp_path):
+    path = write_event_video(tmp_path / "long.mp4", [Event("blue", "square", 1, 3)], seconds=40, fps=10,
+                             width=320, height=240)
+    data = path.read_bytes()
+    assert len(data) > 2 * 1024 * 1024, "need several chunks"
+    sha = hashlib.sha256(data).hexdigest()
+
+    def cut_after_two_chunks():
+        yield pb.UploadVideoRequest(header=pb.UploadHeader(size_bytes=len(data), sha256=sha, filename="long.mp4"))
+        for i in range(2):
+            yield pb.UploadVideoRequest(chunk=pb.UploadChunk(offset=i << 20, data=data[i << 20:(i + 1) << 20]))
+        raise ConnectionResetError("network cut")
+
+    with pytest.raises(grpc.RpcError):
+        client.stub.UploadVideo(cut_after_two_chunks())
+    # Same header again, without the id: the server says where to continue.
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.UploadVideo(iter([
+            pb.UploadVideoRequest(header=pb.UploadHeader(size_bytes=len(data), sha256=sha)),
+            pb.UploadVideoRequest(chunk=pb.UploadChunk(offset=0, data=data[:1000])),
+        ]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = next(d for d in rpc_status.from_call(err.value).details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR))
+    details = error_details_pb2.ErrorInfo()
+    info.Unpack(details)
+    assert int(details.metadata["committed_bytes"]) == 2 << 20
+    upload = client.stub.GetUpload(pb.GetUploadRequest(upload_id=details.metadata["upload_id"]))
+    assert upload.committed_bytes == 2 << 20 and upload.size_bytes == len(data)
+
+    progress = []
+    response = client.upload(path, progress=lambda done, total: progress.append(done))
+    assert response.video.video_id == sha and not response.deduplicated
+    assert progress[0] > 2 << 20, "the client resumed instead of resending from 0"
+    blob = stack.settings.blob_dir / "sha256" / sha[:2] / sha
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == sha
+    assert part_files(stack) == []
+
+
+def test_list_get_delete(client, stack, video_file):
+    video_id = client.upload(video_file).video.video_id
+    client.localize(video_id, ["x"], timeout_s=120)
+    assert video_id in [v.video_id for v in client.list_videos()]
+    assert client.get_video(video_id).video_id == video_id
+    removed = client.delete_video(video_id)
+    assert removed.cache_entries_removed >= 1
+    with pytest.raises(grpc.RpcError) as err:
+        client.get_video(video_id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not list((stack.settings.blob_dir / "sha256" / video_id[:2]).glob(video_id))
+
+
+def test_bad_requests_get_invalid_argument(client, video_file):
+    video_id = client.upload(video_file).video.video_id
+    for queries, field in (([], "queries"), (["x" * 10_000], "queries[0]"), (["   "], "queries[0]")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.localize(video_id, queries, timeout_s=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request(err.value).field_violations[0].field == field
+    with pytest.raises(grpc.RpcError) as err:
+        client.localize("f" * 64, ["x"], timeout_s=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_serving_and_reflection_lists_the_service(stack):
+    with grpc.insecure_channel(stack.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "moments.v1.Moments"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert "moments.v1.Moments" in names and "grpc.health.v1.Health" in names
