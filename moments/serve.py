@@ -46,9 +46,11 @@ def demo_model_dir(settings: Settings) -> Path:
 class Stack:
     """Everything ``moments serve`` runs, as a context for the CLI, the demo and tests."""
 
-    def __init__(self, settings: Settings, *, workers: int = 1) -> None:
+    def __init__(self, settings: Settings, *, workers: int = 1,
+                 worker_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.worker_count = workers
+        self.worker_env = worker_env
         self.redis: PrivateRedis | None = None
         self.workers: list[subprocess.Popen] = []
         self.front = None
@@ -60,7 +62,7 @@ class Stack:
             self.settings = self.settings.replace(redis_url=self.redis.start())
             log.info("private redis-server at %s", self.settings.redis_url)
         for i in range(self.worker_count):
-            self.start_worker(i)
+            self.start_worker(i, self.worker_env)
         from service.server import start_front_end
 
         self.front = await start_front_end(self.settings)
@@ -74,9 +76,9 @@ class Stack:
         host = self.settings.listen.rsplit(":", 1)[0]
         return f"{host}:{self.front.port}"
 
-    def start_worker(self, index: int) -> subprocess.Popen:
+    def start_worker(self, index: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         env = {**os.environ, **_settings_env(self.settings),
-               "MOMENTS_WORKER_NAME": f"worker-{index}-{time.monotonic_ns()}"}
+               "MOMENTS_WORKER_NAME": f"worker-{index}-{time.monotonic_ns()}", **(extra_env or {})}
         proc = subprocess.Popen([sys.executable, "-m", "moments.cli", "worker"], env=env)
         self.workers.append(proc)
         return proc

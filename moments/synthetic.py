@@ -1,9 +1,20 @@
-"""Synthetic videos with known events: a moving textured background and shapes that appear during
-known intervals. Used by the demo, the tiny grounder's training data and accuracy tests."""
+"""Synthetic videos with known events: a moving textured background and shapes that appear and move
+during known intervals. Used by the demo, the tiny grounder's training data, the accuracy tests
+and ``moments eval`` (Charades-STA-style annotation files with true intervals).
+
+Everything is deterministic in its seed. Frames are rendered with numpy (:func:`render_frame`), so
+training can draw the exact frames a sampling plan asks for without writing a file, while
+evaluation writes real H.264 files (:func:`write_event_video`), constant or variable frame rate.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -16,47 +27,80 @@ COLORS = {
     "yellow": (235, 220, 40),
 }
 SHAPES = ("square", "circle", "triangle")
+LANES = 3
+"""Horizontal bands an object can move along; events of one scene use different lanes."""
+NATIVE_FPS = (8.0, 10.0, 12.5, 15.0, 24.0, 25.0, 29.97, 30.0)
+TIME_BASE = Fraction(1, 90000)
 
 
 @dataclass(frozen=True)
 class Event:
-    """``shape`` of ``color`` is visible from ``start_s`` to ``end_s``."""
+    """``shape`` of ``color`` is visible from ``start_s`` to ``end_s``, moving left to right.
+
+    ``lane`` (0..LANES-1) picks a horizontal band; None draws it across the middle.
+    """
 
     color: str
     shape: str
     start_s: float
     end_s: float
+    lane: int | None = None
 
     @property
     def query(self) -> str:
         return f"the {self.color} {self.shape} appears"
 
 
+@dataclass(frozen=True)
+class Scene:
+    """A synthetic video's content: its length, native frame rate and events."""
+
+    duration_s: float
+    fps: float
+    events: tuple[Event, ...]
+    vfr: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"duration_s": self.duration_s, "fps": self.fps, "vfr": self.vfr, "seed": self.seed,
+                "events": [asdict(e) for e in self.events]}
+
+
 def _background(width: int, height: int, t: float) -> np.ndarray:
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    """Grey stripes drifting right and up (separable, so cheap at any size)."""
     shift = 6.0 * t
-    stripes = 0.5 + 0.25 * np.sin((x + shift) / 7.0) * np.cos((y - shift * 0.5) / 11.0)
-    base = (stripes * 90 + 60).astype(np.uint8)
-    return np.stack([base, base, base + 10], axis=-1)
+    sx = np.sin((np.arange(width, dtype=np.float32) + shift) / 7.0)
+    cy = np.cos((np.arange(height, dtype=np.float32) - shift * 0.5) / 11.0)
+    base = ((0.5 + 0.25 * cy[:, None] * sx[None, :]) * 90 + 60).astype(np.uint8)
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[..., 0] = base
+    frame[..., 1] = base
+    frame[..., 2] = base + 10
+    return frame
 
 
 def _draw(frame: np.ndarray, event: Event, t: float) -> None:
     h, w, _ = frame.shape
-    size = min(h, w) // 3
-    cx = int(w * 0.3 + (w * 0.4) * ((t - event.start_s) / max(event.end_s - event.start_s, 1e-6)))
-    cy = h // 2
-    y, x = np.ogrid[0:h, 0:w]
-    if event.shape == "square":
-        mask = (abs(x - cx) <= size // 2) & (abs(y - cy) <= size // 2)
-    elif event.shape == "circle":
-        mask = (x - cx) ** 2 + (y - cy) ** 2 <= (size // 2) ** 2
+    if event.lane is None:
+        size, cy = min(h, w) // 3, h // 2
     else:
-        mask = (y - (cy - size // 2) >= 0) & (y - (cy + size // 2) <= 0) & \
-               (abs(x - cx) <= (y - (cy - size // 2)) // 2)
-    frame[mask] = COLORS[event.color]
+        size, cy = h // (LANES + 1), int(h * (event.lane + 1) / (LANES + 1))
+    progress = (t - event.start_s) / max(event.end_s - event.start_s, 1e-6)
+    cx = int(w * 0.3 + (w * 0.4) * progress)
+    half = size // 2
+    y0, y1, x0, x1 = max(0, cy - half), min(h, cy + half + 1), max(0, cx - half), min(w, cx + half + 1)
+    y, x = np.ogrid[y0:y1, x0:x1]
+    if event.shape == "square":
+        mask = (abs(x - cx) <= half) & (abs(y - cy) <= half)
+    elif event.shape == "circle":
+        mask = (x - cx) ** 2 + (y - cy) ** 2 <= half ** 2
+    else:
+        mask = (y - (cy - half) >= 0) & (y - (cy + half) <= 0) & (abs(x - cx) <= (y - (cy - half)) // 2)
+    frame[y0:y1, x0:x1][mask] = COLORS[event.color]
 
 
-def render_frame(width: int, height: int, t: float, events: list[Event]) -> np.ndarray:
+def render_frame(width: int, height: int, t: float, events: Sequence[Event]) -> np.ndarray:
+    """RGB uint8 frame [height, width, 3] at time ``t`` (seconds from the first frame)."""
     frame = _background(width, height, t)
     for event in events:
         if event.start_s <= t < event.end_s:
@@ -64,23 +108,141 @@ def render_frame(width: int, height: int, t: float, events: list[Event]) -> np.n
     return frame
 
 
-def write_event_video(path: Path, events: list[Event], *, seconds: float, fps: float = 8.0,
-                      width: int = 224, height: int = 168, codec: str = "libx264") -> Path:
-    """Write an H.264 (by default) MP4 showing ``events``; returns ``path``."""
-    path = Path(path)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=int(fps) if float(fps).is_integer() else None)
-        if not float(fps).is_integer():
-            from fractions import Fraction
+def frame_times_s(seconds: float, fps: float, *, vfr: bool = False, seed: int = 0) -> list[float]:
+    """Presentation times of the frames :func:`write_event_video` writes.
 
-            stream.codec_context.framerate = Fraction(fps).limit_denominator(1000)
+    Constant rate: ``i / fps``. Variable rate: bursts at 2x and 1/2 the nominal rate with random
+    lengths, so frame *i* is far from ``i / fps``. Times are quantised to the file's time base.
+    """
+    if not vfr:
+        times = [i / fps for i in range(max(1, int(round(seconds * fps))))]
+    else:
+        rng = random.Random(seed)
+        times, t, fast = [], 0.0, True
+        while t < seconds:
+            step = 1.0 / (fps * 2.0) if fast else 2.0 / fps
+            for _ in range(rng.randint(3, 12)):
+                if t >= seconds:
+                    break
+                times.append(t)
+                t += step
+            fast = not fast
+    return [float(round(t / TIME_BASE) * TIME_BASE) for t in times]
+
+
+def shown_time_s(times_s: Sequence[float], t: float) -> float:
+    """Time of the frame a player shows at ``t``: the last frame at or before it (else the first)."""
+    i = int(np.searchsorted(np.asarray(times_s), t + 1e-6, side="right")) - 1
+    return float(times_s[max(0, i)])
+
+
+def write_event_video(path: Path, events: Sequence[Event], *, seconds: float, fps: float = 8.0,
+                      width: int = 224, height: int = 168, codec: str = "libx264", vfr: bool = False,
+                      seed: int = 0) -> Path:
+    """Write an H.264 (by default) MP4 showing ``events``; returns ``path``.
+
+    With ``vfr`` the frame times follow :func:`frame_times_s` (bursts around the nominal rate).
+    """
+    path = Path(path)
+    times = frame_times_s(seconds, fps, vfr=vfr, seed=seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = TIME_BASE
+        stream.codec_context.time_base = TIME_BASE
         if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "g": str(int(fps * 2))}
-        for i in range(int(round(seconds * fps))):
-            frame = av.VideoFrame.from_ndarray(render_frame(width, height, i / fps, events), format="rgb24")
+            stream.options = {"preset": "ultrafast", "g": str(max(1, int(fps * 2)))}
+            if vfr:
+                stream.options = {**stream.options, "x264-params": "force-cfr=0"}
+        for t in times:
+            frame = av.VideoFrame.from_ndarray(render_frame(width, height, t, events), format="rgb24")
+            frame.pts = int(round(t / TIME_BASE))
+            frame.time_base = TIME_BASE
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def random_events(rng: random.Random, duration_s: float, *, max_events: int = 3,
+                  min_fraction: float = 0.12, max_fraction: float = 0.45) -> tuple[Event, ...]:
+    """1..max_events events of different colours on different lanes, whole-second boundaries.
+
+    Each lasts ``min_fraction``..``max_fraction`` of the video (at least 2 s); they may overlap in
+    time. Colours are distinct, so a query's colour alone names one event.
+    """
+    n = rng.randint(1, min(max_events, len(COLORS), LANES))
+    colors = rng.sample(sorted(COLORS), n)
+    lanes = rng.sample(range(LANES), n)
+    events = []
+    for color, lane in zip(colors, lanes):
+        length = max(2.0, round(duration_s * rng.uniform(min_fraction, max_fraction)))
+        length = min(length, math.floor(duration_s) - 1)
+        start = float(rng.randint(0, max(0, int(math.floor(duration_s - length)) - 1)))
+        events.append(Event(color, rng.choice(SHAPES), start, start + length, lane))
+    return tuple(events)
+
+
+def random_scene(rng: random.Random, duration_s: float, *, fps: float | None = None,
+                 vfr: bool | None = None, **event_kwargs) -> Scene:
+    """A scene of ``duration_s`` with random events, native rate and (1 in 4) variable frame rate."""
+    return Scene(
+        duration_s=float(duration_s),
+        fps=float(fps if fps is not None else rng.choice(NATIVE_FPS)),
+        events=random_events(rng, duration_s, **event_kwargs),
+        vfr=bool(rng.random() < 0.25) if vfr is None else vfr,
+        seed=rng.randrange(2**31),
+    )
+
+
+def write_scene(path: Path, scene: Scene, **kwargs) -> Path:
+    return write_event_video(path, scene.events, seconds=scene.duration_s, fps=scene.fps, vfr=scene.vfr,
+                             seed=scene.seed, **kwargs)
+
+
+def write_annotation_set(out_dir: Path, durations_s: Sequence[float], *, seed: int = 0,
+                         fps_choices: Sequence[float] = NATIVE_FPS, json_form: bool = False,
+                         **video_kwargs) -> Path:
+    """Write one video per duration and an annotation file; returns the annotation file.
+
+    Charades-STA form (default), ``<video> <start> <end>##<query>`` per line, video names without
+    extension (``<video>.mp4`` in ``out_dir``), or with ``json_form`` a JSON list of
+    ``{"video", "query", "start", "end"}``. A ``scenes.json`` next to it records every scene.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows, scenes = [], []
+    for i, duration in enumerate(durations_s):
+        scene = random_scene(rng, duration, fps=rng.choice(list(fps_choices)))
+        name = f"synth{seed:03d}_{i:03d}_{duration:g}s"
+        write_scene(out_dir / f"{name}.mp4", scene, **video_kwargs)
+        scenes.append({"video": name, **scene.to_dict()})
+        rows += [{"video": name, "query": e.query, "start": e.start_s, "end": e.end_s} for e in scene.events]
+    (out_dir / "scenes.json").write_text(json.dumps(scenes, indent=1) + "\n")
+    if json_form:
+        path = out_dir / "annotations.json"
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+    else:
+        path = out_dir / "annotations.txt"
+        path.write_text("".join(f"{r['video']} {r['start']:.1f} {r['end']:.1f}##{r['query']}\n" for r in rows))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write synthetic event videos and their annotations.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--durations", default="37.5,53,81,117,143",
+                        help="comma list of video lengths in seconds (20 to 1200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="JSON annotations instead of Charades-STA lines")
+    args = parser.parse_args(argv)
+    durations = [float(d) for d in args.durations.split(",") if d]
+    print(write_annotation_set(args.out_dir, durations, seed=args.seed, json_form=args.json))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ import logging
 import time
 
 import grpc
+from redis.exceptions import RedisError
 
 from moments import errors
 from service import metrics
@@ -67,6 +68,9 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
             except errors.MomentsError as exc:
                 code = type(exc).__name__
                 await context.abort_with_status(to_status(exc))
+            except RedisError as exc:
+                code = "Unavailable"
+                await context.abort_with_status(to_status(errors.Unavailable(f"Redis is unreachable: {exc}")))
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = "CANCELLED"
                 raise
@@ -92,6 +96,9 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
             except errors.MomentsError as exc:
                 code = type(exc).__name__
                 await context.abort_with_status(to_status(exc))
+            except RedisError as exc:
+                code = "Unavailable"
+                await context.abort_with_status(to_status(errors.Unavailable(f"Redis is unreachable: {exc}")))
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = "CANCELLED"
                 raise

@@ -88,6 +88,8 @@ class JobClient:
                 block_ms = int(min(READ_BLOCK_MS, remaining_s * 1000)) or 1
                 reply = await self.redis.xread({keys.job_events(job_id): last_id}, block=block_ms)
                 if not reply:
+                    if not await self.redis.exists(keys.job(job_id)):
+                        raise errors.Unavailable(f"job {job_id} was lost (Redis restarted without it)")
                     if not await self.live_workers():
                         raise errors.Unavailable(f"every worker stopped; job {job_id} was not finished")
                     continue

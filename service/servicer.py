@@ -19,6 +19,10 @@ from moments.config import Settings
 from moments.records import STAGES
 
 
+MIN_BUDGET_TOKENS = 512
+"""Four frames at Qwen's minimum frame size fit in this many tokens at any aspect ratio."""
+
+
 class MomentsServicer(pb_grpc.MomentsServicer):
     def __init__(
         self,
@@ -159,8 +163,8 @@ def _validate_sampling(s: SamplingRequest) -> SamplingRequest:
         raise errors.InvalidArgument("sampling.max_fps must be in (0, 2]", field="sampling.max_fps")
     if s.max_frames < 0 or s.max_frames == 1 or s.max_frames > 4096:
         raise errors.InvalidArgument("sampling.max_frames must be in [2, 4096]", field="sampling.max_frames")
-    if s.budget_tokens < 0 or s.budget_tokens > 1_000_000:
-        raise errors.InvalidArgument("sampling.budget_tokens must be in [0, 1000000]",
+    if s.budget_tokens and not MIN_BUDGET_TOKENS <= s.budget_tokens <= 1_000_000:
+        raise errors.InvalidArgument(f"sampling.budget_tokens must be 0 (default) or in [{MIN_BUDGET_TOKENS}, 1000000]",
                                      field="sampling.budget_tokens")
     if s.start_s is not None and s.start_s < 0:
         raise errors.InvalidArgument("sampling.start_offset is negative", field="sampling.start_offset")

@@ -33,11 +33,11 @@ def stack_settings(redis_url: str, data_dir: Path, model_dir: Path, **overrides)
 class ThreadedStack:
     """A Stack whose event loop runs in a background thread, so tests use the blocking client."""
 
-    def __init__(self, settings: Settings, workers: int = 1) -> None:
+    def __init__(self, settings: Settings, workers: int = 1, worker_env: dict[str, str] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.stack = Stack(settings, workers=workers)
+        self.stack = Stack(settings, workers=workers, worker_env=worker_env)
 
     def run(self, coro, timeout_s: float = 120.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)

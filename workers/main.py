@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from moments import errors
 from moments.config import Settings
 from workers.engine import Engine
+from workers.faults import maybe_faulty
 from workers.job_loop import JobLoop
 from workers.kv_cache import KVPrefixCache
 from workers.pipeline import Pipeline
@@ -30,6 +31,7 @@ async def run_worker(settings: Settings, engine: Engine | None = None, *, ready:
             Engine.load, settings.model, device=settings.device, dtype=settings.dtype,
             attn_implementation=settings.attn_implementation,
         )
+    engine = maybe_faulty(engine)
     redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=30.0)
     pipeline = Pipeline(
         settings,

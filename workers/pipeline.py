@@ -13,7 +13,9 @@ from redis.exceptions import RedisError
 from moments.config import Settings
 from moments.records import Job, JobStats, QueryResult, VideoInfo
 from workers.decode import decode_frames
-from workers.engine import Engine, VisualTokens, concat_visual_tokens
+import torch
+
+from workers.engine import Engine, VisualTokens
 from workers.job_loop import JobContext
 from workers.kv_cache import KVPrefixCache
 from workers.sampling import SamplingOptions, SamplingPlan, plan_sampling
@@ -154,6 +156,18 @@ class Pipeline:
         stats.stage_ms["decode"] = decode_ms
         stats.stage_ms["encode"] = encode_ms
         return concat_visual_tokens(parts, plan)
+
+
+def concat_visual_tokens(parts: list[VisualTokens], plan: SamplingPlan) -> VisualTokens:
+    """Join chunk encodings: visual tokens are independent per 2-frame group."""
+    first = parts[0]
+    return VisualTokens(
+        embeds=torch.cat([p.embeds for p in parts]) if len(parts) > 1 else first.embeds,
+        grid_thw=(plan.grid_t, plan.grid_h, plan.grid_w),
+        second_per_grid_ts=plan.second_per_grid_ts,
+        frame_times_s=plan.frame_times_s,
+        fingerprint=first.fingerprint,
+    )
 
 
 def _sub_plan(plan: SamplingPlan, start: int, count: int) -> SamplingPlan:

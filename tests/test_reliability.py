@@ -1,0 +1,198 @@
+"""Fault tests with real processes and a real Redis: killed workers, model errors, dead devices,
+no workers, full queues, expired deadlines, a Redis restart. What does the client see; is anything
+lost?"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import redis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from moments import jobs, keys
+from moments.client import MomentsClient
+from moments.synthetic import Event, write_event_video
+from moments.v1 import moments_pb2 as pb
+from tests.stack import ThreadedStack, stack_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory):
+    return write_event_video(tmp_path_factory.mktemp("v") / "r.mp4", [Event("green", "square", 2, 4)],
+                             seconds=8, fps=6)
+
+
+def make_stack(redis_url, tmp_path, model_dir, *, workers=1, faults=None, **settings):
+    env = {"MOMENTS_FAULTS": json.dumps(faults)} if faults else None
+    return ThreadedStack(stack_settings(redis_url, tmp_path, model_dir, **settings), workers=workers,
+                         worker_env=env)
+
+
+def running_worker(r: redis.Redis, timeout_s: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for job_key in r.scan_iter(match="moments:job:*"):
+            if job_key.count(b":") == 2 and r.hget(job_key, "state") == b"running":
+                return r.hget(job_key, "worker").decode()
+        time.sleep(0.05)
+    raise AssertionError("no job started running")
+
+
+def call_in_thread(fn, *args, **kwargs):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+def test_killed_worker_job_completes_on_another(redis_url, tmp_path, tiny_model_dir, video_file):
+    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"encode_sleep_s": 1.0}) as s, \
+            MomentsClient(s.target) as client:
+        video_id = client.upload(video_file).video.video_id
+        thread, box = call_in_thread(client.localize, video_id, ["q"], timeout_s=120)
+        r = redis.Redis.from_url(s.settings.redis_url)
+        running_worker(r)
+        victim = s.stack.workers[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        s.stack.start_worker(1)  # a healthy replacement reclaims the job after the lease
+        thread.join(120)
+        assert "error" not in box, box.get("error")
+        response = box["result"]
+        assert response.stats.attempt == 2
+        assert len(response.results) == 1
+        assert r.xpending(keys.JOBS_STREAM, keys.JOBS_GROUP)["pending"] == 0
+        assert r.zcard(jobs.OPEN_JOBS) == 0
+
+
+def test_model_error_fails_job_after_bounded_retries_and_worker_survives(
+    redis_url, tmp_path, tiny_model_dir, video_file
+):
+    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"answer_error_after": 0},
+                    job_max_attempts=2) as s, MomentsClient(s.target) as client:
+        video_id = client.upload(video_file).video.video_id
+        with pytest.raises(grpc.RpcError) as err:
+            client.localize(video_id, ["q"], timeout_s=60)
+        assert err.value.code() == grpc.StatusCode.ABORTED
+        assert "injected model error" in err.value.details() and "2 times" in err.value.details()
+        r = redis.Redis.from_url(s.settings.redis_url)
+        dead = r.xrange(keys.DEAD_LETTER_STREAM)
+        assert len(dead) == 1 and b"injected model error" in dead[0][1][b"reason"]
+        assert s.stack.workers[0].poll() is None, "a model error must not kill the worker"
+        assert r.xpending(keys.JOBS_STREAM, keys.JOBS_GROUP)["pending"] == 0
+
+
+def test_fatal_device_error_takes_worker_out_and_job_survives(redis_url, tmp_path, tiny_model_dir,
+                                                              video_file):
+    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"device_error_after": 0}) as s, \
+            MomentsClient(s.target) as client:
+        video_id = client.upload(video_file).video.video_id
+        thread, box = call_in_thread(client.localize, video_id, ["q"], timeout_s=120)
+        sick = s.stack.workers[0]
+        assert sick.wait(60) == 3, "the worker exits non-zero on a dead device"
+        s.stack.start_worker(1)
+        thread.join(120)
+        assert "error" not in box, box.get("error")
+        assert box["result"].stats.attempt == 2
+
+
+def test_no_workers_means_unavailable_quickly(redis_url, tmp_path, tiny_model_dir, video_file):
+    with make_stack(redis_url, tmp_path, tiny_model_dir, workers=0) as s, MomentsClient(s.target) as client:
+        video_id = client.upload(video_file).video.video_id
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            client.localize(video_id, ["q"], timeout_s=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 5
+
+
+def test_all_workers_stop_mid_job_gives_unavailable_within_deadline(redis_url, tmp_path, tiny_model_dir,
+                                                                    video_file):
+    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"encode_sleep_s": 2.0}) as s, \
+            MomentsClient(s.target) as client:
+        video_id = client.upload(video_file).video.video_id
+        thread, box = call_in_thread(client.localize, video_id, ["q"], timeout_s=60)
+        running_worker(redis.Redis.from_url(s.settings.redis_url))
+        os.kill(s.stack.workers[0].pid, signal.SIGKILL)
+        started = time.monotonic()
+        thread.join(60)
+        assert box["error"].code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < jobs.WORKER_STALE_S + 5
+
+
+def test_full_queue_gets_resource_exhausted_with_retry_info(redis_url, tmp_path, tiny_model_dir, video_file):
+    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"encode_sleep_s": 1.0},
+                    max_queue_jobs=1) as s, MomentsClient(s.target) as client:
+        video_id = client.upload(video_file).video.video_id
+        thread, box = call_in_thread(client.localize, video_id, ["first"], timeout_s=120)
+        running_worker(redis.Redis.from_url(s.settings.redis_url))
+        with pytest.raises(grpc.RpcError) as err:
+            client.localize(video_id, ["second"], timeout_s=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = rpc_status.from_call(err.value).details
+        assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
+        thread.join(120)
+        assert "result" in box, box.get("error")
+
+
+def test_expired_deadline_cancels_the_job(redis_url, tmp_path, tiny_model_dir, video_file):
+    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"encode_sleep_s": 1.5}) as s, \
+            MomentsClient(s.target) as client:
+        video_id = client.upload(video_file).video.video_id
+        with pytest.raises(grpc.RpcError) as err:
+            client.localize(video_id, ["q"], timeout_s=2.0)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        r = redis.Redis.from_url(s.settings.redis_url)
+        deadline = time.monotonic() + 30
+        states = []
+        while time.monotonic() < deadline:
+            states = [r.hget(k, "state") for k in r.scan_iter(match="moments:job:*") if k.count(b":") == 2]
+            if states and all(st == b"failed" for st in states):
+                break
+            time.sleep(0.2)
+        assert states == [b"failed"], "the worker stopped the cancelled job"
+        outcome = json.loads(r.hget(next(k for k in r.scan_iter(match="moments:job:*") if k.count(b":") == 2),
+                                    "outcome"))
+        assert "cancel" in outcome["reason"] or "deadline" in outcome["reason"]
+
+
+def test_redis_restart_mid_job_gives_answer_or_unavailable(redis_server, redis_url, tmp_path, tiny_model_dir,
+                                                           video_file):
+    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"encode_sleep_s": 1.0}) as s, \
+            MomentsClient(s.target) as client:
+        video_id = client.upload(video_file).video.video_id
+        thread, box = call_in_thread(client.localize, video_id, ["q"], timeout_s=60)
+        running_worker(redis_server.client())
+        redis_server.stop()
+        time.sleep(1.0)
+        redis_server.start()  # no persistence in tests: the job and the video are gone
+        thread.join(60)
+        assert not thread.is_alive(), "the call hung"
+        if "error" in box:
+            assert box["error"].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+        r = redis_server.client()
+        for name in r.scan_iter(match="moments:tok:*:manifest"):
+            manifest = json.loads(r.get(name))
+            base = name.decode().removesuffix(":manifest")
+            data = b"".join(r.get(f"{base}:chunk:{i}") or b"" for i in range(manifest["chunks"]))
+            assert hashlib.sha256(data).hexdigest() == manifest["sha256"], "a corrupt entry survived"
+        with pytest.raises(grpc.RpcError) as err:
+            client.get_video(video_id)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
