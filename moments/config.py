@@ -44,6 +44,7 @@ class Settings:
     upload_ttl_s: int = _setting(24 * 3600, "Abandoned partial uploads are removed after this")
     job_timeout_s: float = _setting(600.0, "Deadline for a Localize call that sets none")
     job_lease_s: float = _setting(60.0, "A job idle this long (no heartbeat) is reclaimed")
+    worker_stale_s: float = _setting(10.0, "No worker heartbeat for this long: calls get UNAVAILABLE")
     job_max_attempts: int = _setting(3, "Deliveries before a job goes to the dead-letter stream")
     probe_timeout_s: float = _setting(30.0, "Time limit of the child process that probes a file")
     probe_memory_bytes: int = _setting(2 * 1024**3, "Address-space limit of the probe child")

@@ -23,8 +23,7 @@ OPEN_JOBS = "moments:jobs:open"
 EVENTS_TTL_S = 3600
 """A finished job's hash and events stay this long for late readers and retried calls."""
 HEARTBEAT_INTERVAL_S = 2.0
-"""Workers write their heartbeat this often; a worker silent for 5 intervals counts as gone."""
-WORKER_STALE_S = 5 * HEARTBEAT_INTERVAL_S
+"""Workers write their heartbeat this often (``Settings.worker_stale_s`` says when one is gone)."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from moments import jobs, keys
+from moments import keys
 from moments.config import DEFAULT_MODEL, Settings
 from moments.redis_server import PrivateRedis
 
@@ -91,7 +91,7 @@ class Stack:
         while time.monotonic() < deadline:
             beats = client.hgetall(keys.WORKERS_HASH)
             now = time.time()
-            if sum(1 for v in beats.values() if now - float(v) < jobs.WORKER_STALE_S) >= want:
+            if sum(1 for v in beats.values() if now - float(v) < self.settings.worker_stale_s) >= want:
                 return
             dead = [p for p in self.workers if p.poll() is not None]
             if len(dead) == len(self.workers):

@@ -127,7 +127,8 @@ def frame_times_s(seconds: float, fps: float, *, vfr: bool = False, seed: int = 
                 times.append(t)
                 t += step
             fast = not fast
-    return [float(round(t / TIME_BASE) * TIME_BASE) for t in times]
+    ticks = TIME_BASE.denominator
+    return [round(t * ticks) / ticks for t in times]
 
 
 def shown_time_s(times_s: Sequence[float], t: float) -> float:

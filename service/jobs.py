@@ -30,7 +30,11 @@ class JobClient:
     async def live_workers(self) -> int:
         beats = await self.redis.hgetall(keys.WORKERS_HASH)
         now = time.time()
-        return sum(1 for v in beats.values() if now - float(v) < jobs.WORKER_STALE_S)
+        return sum(1 for v in beats.values() if now - float(v) < self.settings.worker_stale_s)
+
+    async def newest_heartbeat(self) -> float:
+        beats = await self.redis.hvals(keys.WORKERS_HASH)
+        return max((float(v) for v in beats), default=0.0)
 
     async def submit(self, job: Job) -> str:
         """Enqueue ``job`` (or join an identical open one); returns the id to follow."""
@@ -79,6 +83,7 @@ class JobClient:
         """
         last_id = "0-0"
         finished = False
+        last_beat_s = time.time()
         await self.redis.hincrby(keys.job(job_id), "waiters", 1)
         try:
             while True:
@@ -90,7 +95,8 @@ class JobClient:
                 if not reply:
                     if not await self.redis.exists(keys.job(job_id)):
                         raise errors.Unavailable(f"job {job_id} was lost (Redis restarted without it)")
-                    if not await self.live_workers():
+                    last_beat_s = max(last_beat_s, await self.newest_heartbeat())
+                    if time.time() - last_beat_s > self.settings.worker_stale_s:
                         raise errors.Unavailable(f"every worker stopped; job {job_id} was not finished")
                     continue
                 for entry_id, fields in reply[0][1]:
