@@ -1,0 +1,154 @@
+"""AutoAWQ GEMM format: quantize/pack (for the tiny test model), unpack/dequantize, and loading.
+
+Layout (AutoAWQ ``WQLinear_GEMM``, read by gptqmodel's AWQ kernels), for a Linear with weight
+``[out, in]`` and group size ``g``:
+
+- ``qweight``  int32 ``[in, out / 8]``: eight 4-bit values per word; nibble ``i`` (bits ``4i..4i+3``)
+  of word ``c`` holds output column ``8c + AWQ_ORDER[i]``.
+- ``qzeros``   int32 ``[in / g, out / 8]``: zero points, packed the same way (no ``-1`` offset, unlike GPTQ).
+- ``scales``   fp16  ``[in / g, out]``.
+- ``W[o, i] = (q[i, o] - z[i // g, o]) * s[i // g, o]``.
+
+Loading: with ``gptqmodel`` importable, transformers loads the checkpoint natively (fused 4-bit
+kernels). Otherwise the AWQ tensors are dequantized into plain ``Linear.weight`` at load time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BITS = 4
+PACK = 32 // BITS
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+"""Nibble ``i`` of a packed word holds column ``AWQ_ORDER[i]`` of its 8-column block."""
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+"""Unpacked nibble order -> natural column order (the inverse permutation of ``AWQ_ORDER``)."""
+
+
+def quantize_awq(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit round-to-nearest quantization of ``weight [out, in]`` into packed AWQ GEMM tensors.
+
+    Same rule as AutoAWQ (``scale = (max - min) / 15``, ``zero = -round(min / scale)``), except the
+    integers are computed against the fp16-rounded scales, so ``dequantize_awq`` reproduces exactly
+    the weights this quantizer intended.
+    """
+    out_f, in_f = weight.shape
+    if in_f % group_size or out_f % PACK:
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit group size {group_size} / pack {PACK}")
+    w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
+    max_val = w.amax(dim=-1, keepdim=True)
+    min_val = w.amin(dim=-1, keepdim=True)
+    scales = ((max_val - min_val).clamp(min=1e-5) / (2**BITS - 1)).half().float()
+    zeros = (-torch.round(min_val / scales)).clamp(0, 2**BITS - 1)
+    q = (torch.round(w / scales) + zeros).clamp(0, 2**BITS - 1)
+    intweight = q.reshape(out_f, in_f).t().contiguous().to(torch.int32)  # [in, out]
+    intzeros = zeros.squeeze(-1).t().contiguous().to(torch.int32)  # [in/g, out]
+    return pack_awq(intweight), pack_awq(intzeros), scales.squeeze(-1).t().contiguous().half()
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """Pack int values ``[rows, cols]`` in 0..15 into int32 ``[rows, cols / 8]`` in AWQ order."""
+    rows, cols = values.shape
+    v = values.to(torch.int64).reshape(rows, cols // PACK, PACK)[:, :, list(AWQ_ORDER)]
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
+    words = (v << shifts).sum(dim=-1)  # < 2**32, fits int64
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_awq`: int32 ``[rows, cols / 8]`` -> int ``[rows, cols]`` in natural column order."""
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int32, device=packed.device)
+    nibbles = torch.bitwise_and(torch.bitwise_right_shift(packed[:, :, None], shifts), 2**BITS - 1)
+    rows, words, _ = nibbles.shape
+    return nibbles[:, :, list(AWQ_REVERSE_ORDER)].reshape(rows, words * PACK)
+
+
+def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """AWQ GEMM tensors -> Linear weight ``[out, in]``.
+
+    With ``dtype=float16`` this is bit-identical to AutoAWQ's ``dequantize_gemm`` (integer difference
+    times the fp16 scale, rounded once to fp16); with ``float32`` the product is exact.
+    """
+    iweight = unpack_awq(qweight)  # [in, out]
+    izeros = unpack_awq(qzeros).repeat_interleave(group_size, dim=0)  # [in, out]
+    s = scales.repeat_interleave(group_size, dim=0)
+    if iweight.shape != s.shape or iweight.shape != izeros.shape:
+        raise ValueError(f"AWQ shapes disagree: qweight {tuple(iweight.shape)}, zeros {tuple(izeros.shape)}, "
+                         f"scales {tuple(s.shape)} (group size {group_size})")
+    w = (iweight - izeros).to(dtype) * s.to(dtype)
+    return w.t().contiguous()
+
+
+def native_awq_available() -> bool:
+    """Whether transformers can load AWQ checkpoints itself (it needs gptqmodel in v5)."""
+    return importlib.util.find_spec("gptqmodel") is not None
+
+
+def hub_key_to_module_key(key: str) -> str:
+    """Hub Qwen2.5-VL checkpoint name (``model.layers.*``, ``visual.*``) -> transformers v5 name."""
+    if key.startswith(("model.language_model.", "model.visual.")):
+        return key
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model."):]
+    return key
+
+
+def dequantized_state_dict(model_dir: Path, group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read every ``*.safetensors`` in ``model_dir``, dequantizing AWQ triplets into ``*.weight``."""
+    from safetensors.torch import load_file
+
+    raw: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        raw.update(load_file(str(f)))
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if key.endswith((".qzeros", ".scales")):
+            continue
+        if key.endswith(".qweight"):
+            base = key[: -len(".qweight")]
+            w = dequantize_awq(value, raw[base + ".qzeros"], raw[base + ".scales"], group_size, dtype=torch.float32)
+            state[hub_key_to_module_key(base + ".weight")] = w.to(dtype)
+        else:
+            state[hub_key_to_module_key(key)] = value.to(dtype) if value.is_floating_point() else value
+    return state
+
+
+def load_awq_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str):
+    """Load an AWQ Qwen2.5-VL checkpoint: natively through gptqmodel when importable, else dequantized."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    if native_awq_available():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(model_dir), dtype=dtype, device_map=str(device), attn_implementation=attn_implementation)
+        q_proj = model.model.language_model.layers[0].self_attn.q_proj
+        log.info("AWQ loaded natively through gptqmodel: kernel %s, backend %s",
+                 type(q_proj).__name__, getattr(model.config.quantization_config, "backend", "?"))
+        return model
+
+    from accelerate import init_empty_weights
+
+    qcfg = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+    if qcfg.get("bits", 4) != BITS or str(qcfg.get("version", "gemm")).lower() != "gemm" \
+            or not qcfg.get("zero_point", True):
+        raise ValueError(f"unsupported AWQ config for the dequantizing loader: {qcfg}")
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._attn_implementation = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    state = dequantized_state_dict(model_dir, int(qcfg["group_size"]), dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device)
+    log.info("AWQ loaded by dequantizing to %s Linear weights (gptqmodel not installed; no 4-bit kernels)", dtype)
+    return model
