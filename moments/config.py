@@ -59,6 +59,7 @@ class Settings:
     token_cache_ttl_s: int = _setting(7 * 24 * 3600, "TTL of cached visual tokens in Redis")
     token_cache_chunk_bytes: int = _setting(8 * 1024**2, "Chunk size of cached visual tokens")
     kv_cache_bytes: int = _setting(4 * 1024**3, "Worker memory for hot KV prefixes (0 = off)")
+    kv_affinity: bool = _setting(True, "Hand a job to the idle worker holding its KV prefix")
     worker_name: str = _setting("", "Consumer name in the job group (default host-pid)")
     log_json: bool = _setting(False, "JSON log lines")
     log_level: str = _setting("INFO", "Log level")

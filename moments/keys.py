@@ -9,6 +9,8 @@ DEAD_LETTER_STREAM = f"{PREFIX}:jobs:dead"
 """Jobs that failed ``job_max_attempts`` times, with the last error."""
 WORKERS_HASH = f"{PREFIX}:workers"
 """worker name -> last heartbeat (unix seconds); used for UNAVAILABLE when none is alive."""
+WORKERS_BUSY = f"{PREFIX}:workers:busy"
+"""worker name -> id of the job it runs ("" when idle); used for KV-prefix affinity."""
 VIDEO_INDEX = f"{PREFIX}:videos"
 """Sorted set of every stored video id, scored by first upload time."""
 TOKEN_CACHE_HITS = f"{PREFIX}:stats:token_cache_hits"
@@ -33,6 +35,11 @@ def video_owners(video_id: str) -> str:
 def upload(upload_id: str) -> str:
     """Hash: a resumable upload's header and committed offset."""
     return f"{PREFIX}:upload:{upload_id}"
+
+
+def upload_writer(upload_id: str) -> str:
+    """String with expiry: a random token held by the one stream (or janitor) touching an upload."""
+    return f"{PREFIX}:upload:{upload_id}:writer"
 
 
 UPLOADS_BY_EXPIRY = f"{PREFIX}:uploads"
@@ -78,3 +85,8 @@ def rate(tenant: str, second: int) -> str:
 
 def inflight(tenant: str) -> str:
     return f"{PREFIX}:inflight:{tenant}"
+
+
+def kv_owner(cache_key: str) -> str:
+    """String: the worker holding the hot KV prefix of a token-cache key (affinity hint)."""
+    return f"{PREFIX}:kv:{cache_key}:owner"

@@ -27,6 +27,8 @@ from moments.records import Job, JobStats, VideoInfo
 log = logging.getLogger(__name__)
 
 RunJob = Callable[[Job, VideoInfo, "JobContext"], Awaitable[JobStats]]
+Affinity = Callable[[Job, VideoInfo], Awaitable["str | None"]]
+"""Names the worker that would serve a job fastest (it holds the job's KV prefix), if any."""
 
 
 class JobCancelled(Exception):
@@ -57,11 +59,14 @@ class JobContext:
 class JobLoop:
     """Consumes jobs one at a time and runs them with ``run_job``."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, run_job: RunJob, name: str) -> None:
+    def __init__(self, settings: Settings, redis: aioredis.Redis, run_job: RunJob, name: str,
+                 affinity: Affinity | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.run_job = run_job
         self.name = name
+        self.affinity = affinity
+        self.handed_over = 0
         self.lease_ms = int(settings.job_lease_s * 1000)
         self._stopping = asyncio.Event()
         self.jobs_done = 0
@@ -79,10 +84,13 @@ class JobLoop:
                 entry = await self._next_entry()
                 if entry is not None:
                     await self._handle(*entry)
+                if self.affinity is not None and not self._stopping.is_set():
+                    await self._drain_own_pending()  # jobs other workers handed to us
         finally:
             beat.cancel()
             try:
                 await self.redis.hdel(keys.WORKERS_HASH, self.name)
+                await self.redis.hdel(keys.WORKERS_BUSY, self.name)
             except Exception:  # noqa: BLE001 - Redis gone; the heartbeat goes stale by itself
                 pass
 
@@ -106,6 +114,8 @@ class JobLoop:
             keys.JOBS_GROUP, self.name, {keys.JOBS_STREAM: "0"}, count=1000
         )
         for entry_id, fields in reply[0][1] if reply else []:
+            if self._stopping.is_set():
+                return
             if fields:
                 await self._handle(entry_id, fields)
 
@@ -119,7 +129,8 @@ class JobLoop:
                 log.info("reclaimed entry %s from a silent worker", entry_id)
                 return entry_id, fields
             reply = await self.redis.xreadgroup(
-                keys.JOBS_GROUP, self.name, {keys.JOBS_STREAM: ">"}, count=1, block=1000
+                keys.JOBS_GROUP, self.name, {keys.JOBS_STREAM: ">"}, count=1,
+                block=250 if self.affinity is not None else 1000,
             )
         except (RedisConnectionError, RedisTimeoutError, OSError):
             log.warning("Redis unreachable; retrying in 1 s")
@@ -141,6 +152,8 @@ class JobLoop:
             await self._ack(entry_id)
             return
         job = Job.from_json(raw[b"payload"])
+        if self.affinity is not None and b"handed_to" not in raw and await self._hand_over(entry_id, job):
+            return
         attempt = await self.redis.hincrby(keys.job(job_id), "attempts", 1)
         if attempt > self.settings.job_max_attempts:
             reason = raw.get(b"last_error", b"unknown error").decode()
@@ -149,6 +162,7 @@ class JobLoop:
             return
         started = time.monotonic()
         await self.redis.hset(keys.job(job_id), mapping={"state": jobs.RUNNING, "worker": self.name})
+        await self.redis.hset(keys.WORKERS_BUSY, self.name, job_id)
         log.info("job %s running video=%s attempt=%d", job_id, job.video_id, attempt)
         hold = asyncio.create_task(self._hold(entry_id))
         context = JobContext(self.redis, job, attempt)
@@ -174,6 +188,7 @@ class JobLoop:
             return
         finally:
             hold.cancel()
+            await self.redis.hset(keys.WORKERS_BUSY, self.name, "")
         stats.worker = self.name
         stats.attempt = attempt
         stats.stage_ms["total"] = (time.monotonic() - started) * 1000
@@ -182,6 +197,25 @@ class JobLoop:
         self.jobs_done += 1
         log.info("job %s done video=%s in %.0f ms (cache %s)", job_id, job.video_id,
                  stats.stage_ms["total"], stats.cache)
+
+    async def _hand_over(self, entry_id, job: Job) -> bool:
+        """Give the entry to the idle, live worker holding the job's KV prefix (once per job)."""
+        try:
+            info_raw = await self.redis.hgetall(keys.video(job.video_id))
+            target = await self.affinity(job, VideoInfo.from_redis(info_raw)) if info_raw else None
+        except Exception:  # noqa: BLE001 - affinity is a hint; run the job here
+            log.warning("affinity lookup failed for job %s", job.job_id, exc_info=True)
+            return False
+        if not target or target == self.name:
+            return False
+        beat, busy = await self.redis.hget(keys.WORKERS_HASH, target), await self.redis.hget(keys.WORKERS_BUSY, target)
+        if beat is None or time.time() - float(beat) > 2 * jobs.HEARTBEAT_INTERVAL_S or busy:
+            return False
+        await self.redis.hset(keys.job(job.job_id), "handed_to", target)
+        await self.redis.xclaim(keys.JOBS_STREAM, keys.JOBS_GROUP, target, 0, [entry_id], justid=True)
+        self.handed_over += 1
+        log.info("job %s handed to %s, which holds its KV prefix", job.job_id, target)
+        return True
 
     async def _hold(self, entry_id) -> None:
         """Reset the entry's idle time so XAUTOCLAIM never takes live work."""

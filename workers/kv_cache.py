@@ -46,10 +46,11 @@ class KVPrefixCache:
             self._entries.move_to_end(key)
             return entry[0]
 
-    def put(self, key: str, prefix: Any) -> None:
+    def put(self, key: str, prefix: Any) -> bool:
+        """Keep ``prefix``; False when it is larger than the whole budget (not kept)."""
         size = tensor_bytes(prefix)
         if size > self.budget_bytes:
-            return
+            return False
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -60,6 +61,7 @@ class KVPrefixCache:
                 log.info("kv prefix %s evicted (%.1f MiB)", evicted, evicted_size / 2**20)
             self._entries[key] = (prefix, size)
             self.used_bytes += size
+        return True
 
     def keys(self) -> list[str]:
         with self._lock:

@@ -40,7 +40,8 @@ async def run_worker(settings: Settings, engine: Engine | None = None, *, ready:
         KVPrefixCache(settings.kv_cache_bytes),
         owner=name,
     )
-    loop = JobLoop(settings, redis, pipeline.run, name)
+    loop = JobLoop(settings, redis, pipeline.run, name,
+                   affinity=pipeline.preferred_worker if settings.kv_affinity else None)
     running = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

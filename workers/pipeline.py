@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from redis.exceptions import RedisError
 
+from moments import keys
 from moments.config import Settings
 from moments.records import Job, JobStats, QueryResult, VideoInfo
 from workers.decode import decode_frames
@@ -23,6 +24,7 @@ from workers.token_cache import TokenCache, cache_key
 
 log = logging.getLogger(__name__)
 DECODE_CHUNK_FRAMES = 32
+KV_ADVERT_TTL_S = 600
 
 
 class Pipeline:
@@ -78,7 +80,8 @@ class Pipeline:
             started = time.perf_counter()
             prefix = await asyncio.to_thread(self.engine.prefill, tokens)
             stats.stage_ms["prefill"] = (time.perf_counter() - started) * 1000
-            self.kv_cache.put(key, (tokens, prefix))
+            if self.kv_cache.put(key, (tokens, prefix)):
+                await self._advertise(key)
         generate_ms = 0.0
         for index, query in enumerate(job.queries):
             await ctx.check_cancelled()
@@ -97,6 +100,22 @@ class Pipeline:
             await ctx.emit("result", result.to_dict())
         stats.stage_ms["generate"] = generate_ms
         return stats
+
+    async def preferred_worker(self, job: Job, info: VideoInfo) -> str | None:
+        """The worker holding this job's KV prefix, if one advertised it (an affinity hint)."""
+        if job.kind != "localize" or self.kv_cache.budget_bytes == 0:
+            return None
+        key = cache_key(job.video_id, self.plan(job, info), self.engine.fingerprint)
+        if self.kv_cache.get(key) is not None:
+            return self.owner
+        owner = await self.token_cache.redis.get(keys.kv_owner(key))
+        return owner.decode() if owner else None
+
+    async def _advertise(self, key: str) -> None:
+        try:
+            await self.token_cache.redis.set(keys.kv_owner(key), self.owner, ex=KV_ADVERT_TTL_S)
+        except RedisError:
+            pass
 
     async def _visual_tokens(self, job, info, plan, key, ctx, stats) -> VisualTokens:
         try:
