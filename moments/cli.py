@@ -64,7 +64,7 @@ def cmd_demo(args) -> int:
 
     settings = _settings(args)
     setup_logging("WARNING" if not args.verbose else "INFO", settings.log_json)
-    return asyncio.run(run_demo(settings, seconds=args.seconds))
+    return asyncio.run(run_demo(settings, seconds=args.seconds, verbose=args.verbose))
 
 
 def cmd_upload(args) -> int:
