@@ -17,6 +17,7 @@ from moments.client import MomentsClient
 from moments.records import SamplingRequest
 from moments.synthetic import Event, write_event_video
 from moments.v1 import moments_pb2 as pb
+from tests.conftest import free_port
 from tests.stack import ThreadedStack, stack_settings
 
 
@@ -24,7 +25,8 @@ from tests.stack import ThreadedStack, stack_settings
 def stack(redis_server, tiny_model_dir, tmp_path_factory):
     redis_server.client().flushall()
     data = tmp_path_factory.mktemp("data")
-    with ThreadedStack(stack_settings(redis_server.url, data, tiny_model_dir)) as s:
+    settings = stack_settings(redis_server.url, data, tiny_model_dir, metrics_port=free_port())
+    with ThreadedStack(settings) as s:
         yield s
 
 
@@ -223,3 +225,14 @@ def test_health_serving_and_reflection_lists_the_service(stack):
         replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in replies[0].list_services_response.service}
         assert "moments.v1.Moments" in names and "grpc.health.v1.Health" in names
+
+
+def test_metrics_endpoint_counts_requests_stages_and_cache(client, stack, video_file):
+    import urllib.request
+
+    video_id = client.upload(video_file).video.video_id
+    client.localize(video_id, ["metrics"], timeout_s=120)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{stack.settings.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'moments_requests_total{code="OK",method="Localize"}' in body
+    assert 'moments_stage_seconds_count{stage="generate"}' in body
+    assert "moments_token_cache_total" in body and "moments_queue_jobs" in body
