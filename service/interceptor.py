@@ -7,6 +7,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from moments import errors
@@ -16,6 +17,36 @@ from service.status import to_status
 
 log = logging.getLogger(__name__)
 SERVICE_PREFIX = "/moments.v1.Moments/"
+
+
+class _Malformed:
+    """A request message that does not parse (bad wire format, non-UTF-8 string)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(deserialize):
+    """Single requests that fail to parse reach the wrapper (INVALID_ARGUMENT), not gRPC (UNKNOWN)."""
+    def parse(raw: bytes):
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            return _Malformed(str(exc))
+
+    return parse if deserialize else None
+
+
+def _domain(exc: Exception) -> errors.MomentsError:
+    if isinstance(exc, DecodeError):  # a streamed message that does not parse
+        return errors.InvalidArgument(f"malformed request message: {exc}")
+    return exc
+
+
+def _parsed(request):
+    if isinstance(request, _Malformed):
+        raise errors.InvalidArgument(f"malformed request message: {request.reason}")
+    return request
 
 
 class MomentsInterceptor(grpc.aio.ServerInterceptor):
@@ -33,7 +64,7 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(name, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
@@ -45,7 +76,7 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(name, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -64,8 +95,9 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
             acquired = None
             try:
                 acquired = await self._enter(context)
-                return await behavior(request, context)
-            except errors.MomentsError as exc:
+                return await behavior(_parsed(request), context)
+            except (errors.MomentsError, DecodeError) as exc:
+                exc = _domain(exc)
                 code = type(exc).__name__
                 await context.abort_with_status(to_status(exc))
             except RedisError as exc:
@@ -91,9 +123,10 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
             acquired = None
             try:
                 acquired = await self._enter(context)
-                async for item in behavior(request, context):
+                async for item in behavior(_parsed(request), context):
                     yield item
-            except errors.MomentsError as exc:
+            except (errors.MomentsError, DecodeError) as exc:
+                exc = _domain(exc)
                 code = type(exc).__name__
                 await context.abort_with_status(to_status(exc))
             except RedisError as exc:

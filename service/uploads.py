@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from moments import errors, keys
 from moments.config import Settings
@@ -24,6 +27,21 @@ from service.videos import VideoCatalog
 log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 1024 * 1024
 LOCK_TTL_S = 60
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+# KEYS: writer lock, upload hash. ARGV: token, ttl. Keeps (or re-takes) our hold on an upload;
+# 0 when another holder has it or the upload is gone (the janitor removed it meanwhile).
+_REFRESH_LOCK = """
+local v = redis.call('get', KEYS[1])
+if v == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end
+if v or redis.call('exists', KEYS[2]) == 0 then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+_RELEASE_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass
@@ -92,59 +110,123 @@ class Uploads:
         state = await self._start(tenant, header)
         if isinstance(state, UploadOutcome):
             return state
-        lock = keys.upload(state.upload_id) + ":writer"
-        if not await self.redis.set(lock, 1, nx=True, ex=LOCK_TTL_S):
-            raise errors.FailedPrecondition(
-                "another stream is writing this upload; retry when it ends",
-                committed_bytes=None, upload_id=state.upload_id,
-            )
-        try:
-            return await self._receive(state, chunks, lock)
-        finally:
-            await self.redis.delete(lock)
+        async with self._hold(state.upload_id) as token:
+            if token is None:
+                raise errors.FailedPrecondition(
+                    "another stream is writing this upload; retry when it ends",
+                    committed_bytes=None, upload_id=state.upload_id,
+                )
+            try:
+                return await self._receive(state, chunks, token)
+            finally:
+                # A cut stream gets a full TTL to resume, however long it ran.
+                await self._refresh_expiry(state)
 
-    async def _receive(self, state: UploadState, chunks: AsyncIterator[Chunk], lock: str) -> UploadOutcome:
+    async def _receive(self, state: UploadState, chunks: AsyncIterator[Chunk], token: str) -> UploadOutcome:
         part = self.blobs.part_path(state.upload_id)
         hasher = hashlib.sha256()
-        committed = await asyncio.to_thread(_rehash, part, hasher)
         try:
+            committed = await asyncio.to_thread(_rehash, part, hasher)
             with open(part, "ab") as f:
                 async for chunk in chunks:
                     committed = await self._write(state, f, hasher, committed, chunk)
-                    await self.redis.expire(lock, LOCK_TTL_S)
+                    await self._keep_hold(state, token, committed)
+            if committed < state.size_bytes:
+                raise errors.FailedPrecondition(
+                    f"upload incomplete: {committed} of {state.size_bytes} bytes committed",
+                    committed_bytes=committed,
+                    upload_id=state.upload_id,
+                )
+            return await self._finish(state, part, hasher.hexdigest())
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                await self._discard(state)
-                raise errors.ResourceExhausted("server disk is full", retry_after_s=60.0) from exc
-            raise
-        if committed < state.size_bytes:
-            raise errors.FailedPrecondition(
-                f"upload incomplete: {committed} of {state.size_bytes} bytes committed",
-                committed_bytes=committed,
-                upload_id=state.upload_id,
-            )
-        return await self._finish(state, part, hasher.hexdigest())
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            # Nothing half-written stays behind: the client starts over once there is room.
+            await self._discard(state)
+            log.warning("upload %s dropped: %s", state.upload_id, exc.strerror)
+            raise errors.ResourceExhausted("server disk is full", retry_after_s=60.0) from exc
 
     async def status(self, tenant: str, upload_id: str) -> tuple[UploadState, int]:
         state = await self._load(tenant, upload_id)
-        part = self.blobs.part_path(upload_id)
-        return state, part.stat().st_size if part.exists() else 0
+        try:
+            return state, self.blobs.part_path(upload_id).stat().st_size
+        except FileNotFoundError:
+            return state, 0
 
     async def expire_abandoned(self) -> int:
-        """Remove partial uploads whose expiry passed; returns how many went."""
+        """Remove partial uploads whose expiry passed; returns how many went.
+
+        An upload a stream is writing holds the writer lock and is skipped: its expiry is pushed
+        back when the stream ends. The janitor takes the same lock, so no stream can start
+        writing a file while it is being removed.
+        """
         now = time.time()
-        expired = await self.redis.zrangebyscore(keys.UPLOADS_BY_EXPIRY, 0, now)
-        for raw in expired:
+        removed = 0
+        for raw in await self.redis.zrangebyscore(keys.UPLOADS_BY_EXPIRY, 0, now):
             upload_id = raw.decode()
-            self.blobs.part_path(upload_id).unlink(missing_ok=True)
-            await self.redis.delete(keys.upload(upload_id))
-            await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, upload_id)
-            log.info("upload %s expired and was removed", upload_id)
-        return len(expired)
+            async with self._hold(upload_id) as token:
+                if token is None:
+                    log.info("upload %s is past its expiry but a stream is writing it", upload_id)
+                    continue
+                expire_s = await self.redis.zscore(keys.UPLOADS_BY_EXPIRY, upload_id)
+                if expire_s is None or expire_s > now:  # finished or resumed meanwhile
+                    continue
+                try:
+                    self.blobs.part_path(upload_id).unlink(missing_ok=True)
+                except ValueError:  # not an upload id: drop the stray entry
+                    pass
+                await self.redis.delete(keys.upload(upload_id))
+                await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, upload_id)
+                removed += 1
+                log.info("upload %s expired and was removed", upload_id)
+        return removed
+
+    @contextlib.asynccontextmanager
+    async def _hold(self, upload_id: str) -> AsyncIterator[str | None]:
+        """The writer lock of an upload: yields our token, or None when someone else holds it."""
+        lock = keys.upload_writer(upload_id)
+        token = secrets.token_hex(16)
+        if not await self.redis.set(lock, token, nx=True, ex=LOCK_TTL_S):
+            yield None
+            return
+        try:
+            yield token
+        finally:
+            try:
+                await self.redis.eval(_RELEASE_LOCK, 1, lock, token)
+            except RedisError:  # the lock expires by itself; keep the stream's own outcome
+                log.warning("could not release the writer lock of upload %s", upload_id)
+
+    async def _keep_hold(self, state: UploadState, token: str, committed: int) -> None:
+        held = await self.redis.eval(
+            _REFRESH_LOCK, 2, keys.upload_writer(state.upload_id), keys.upload(state.upload_id),
+            token, LOCK_TTL_S,
+        )
+        if not held:  # the stream stalled past the lock and the upload expired or was taken over
+            raise errors.FailedPrecondition(
+                "the upload expired or another stream took it over while this one was idle",
+                committed_bytes=committed, upload_id=state.upload_id,
+            )
+
+    async def _refresh_expiry(self, state: UploadState) -> None:
+        try:
+            if await self.redis.zscore(keys.UPLOADS_BY_EXPIRY, state.upload_id) is None:
+                return  # finished or discarded
+            state.expire_s = time.time() + self.settings.upload_ttl_s
+            await self._save(state)
+        except RedisError:  # the expiry set at the start still stands
+            log.warning("could not push back the expiry of upload %s", state.upload_id)
 
     async def _start(self, tenant: str, header: Header) -> UploadState | UploadOutcome:
         if header.upload_id:
             state = await self._load(tenant, header.upload_id)
+            if (header.sha256 and header.sha256 != state.sha256) or (
+                header.size_bytes and header.size_bytes != state.size_bytes
+            ):
+                raise errors.InvalidArgument(
+                    f"upload {header.upload_id} is of other bytes (sha256/size differ)",
+                    field="header.upload_id",
+                )
             state.expire_s = time.time() + self.settings.upload_ttl_s
             await self._save(state)
             return state
