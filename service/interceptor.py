@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -81,73 +82,54 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    async def _enter(self, context) -> tuple:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
-        key = self.auth.authenticate(metadata)
-        current_tenant.set(key.tenant)
-        slot = await self.auth.acquire(key)
-        return key, slot
+    @contextlib.asynccontextmanager
+    async def _scope(self, name: str, context):
+        """Auth and quotas on entry; on exit, the one mapping of exceptions to statuses, and metrics."""
+        start = time.perf_counter()
+        code = "OK"
+        key = slot = None
+        try:
+            metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+            key = self.auth.authenticate(metadata)
+            current_tenant.set(key.tenant)
+            slot = await self.auth.acquire(key)
+            yield
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            code = "CANCELLED"
+            raise
+        except (errors.MomentsError, DecodeError) as exc:
+            exc = _domain(exc)
+            code = type(exc).__name__
+            await context.abort_with_status(to_status(exc))
+        except RedisError as exc:
+            code = "Unavailable"
+            await context.abort_with_status(to_status(errors.Unavailable(f"Redis is unreachable: {exc}")))
+        except Exception as exc:  # noqa: BLE001 - the one place unknown errors become INTERNAL
+            code = "INTERNAL"
+            await context.abort_with_status(to_status(exc))
+        finally:
+            if slot:
+                await self._release(key)
+            metrics.REQUESTS.labels(name, code).inc()
+            metrics.LATENCY.labels(name).observe(time.perf_counter() - start)
 
     def _unary(self, name, behavior):
         async def wrapper(request, context):
-            start = time.perf_counter()
-            code = "OK"
-            acquired = None
-            try:
-                acquired = await self._enter(context)
+            async with self._scope(name, context):
                 return await behavior(_parsed(request), context)
-            except (errors.MomentsError, DecodeError) as exc:
-                exc = _domain(exc)
-                code = type(exc).__name__
-                await context.abort_with_status(to_status(exc))
-            except RedisError as exc:
-                code = "Unavailable"
-                await context.abort_with_status(to_status(errors.Unavailable(f"Redis is unreachable: {exc}")))
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                code = "CANCELLED"
-                raise
-            except Exception as exc:  # noqa: BLE001 - the one place unknown errors become INTERNAL
-                code = "INTERNAL"
-                await context.abort_with_status(to_status(exc))
-            finally:
-                await self._leave(acquired)
-                metrics.REQUESTS.labels(name, code).inc()
-                metrics.LATENCY.labels(name).observe(time.perf_counter() - start)
 
         return wrapper
 
     def _streaming(self, name, behavior):
         async def wrapper(request, context):
-            start = time.perf_counter()
-            code = "OK"
-            acquired = None
-            try:
-                acquired = await self._enter(context)
+            async with self._scope(name, context):
                 async for item in behavior(_parsed(request), context):
                     yield item
-            except (errors.MomentsError, DecodeError) as exc:
-                exc = _domain(exc)
-                code = type(exc).__name__
-                await context.abort_with_status(to_status(exc))
-            except RedisError as exc:
-                code = "Unavailable"
-                await context.abort_with_status(to_status(errors.Unavailable(f"Redis is unreachable: {exc}")))
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                code = "CANCELLED"
-                raise
-            except Exception as exc:  # noqa: BLE001
-                code = "INTERNAL"
-                await context.abort_with_status(to_status(exc))
-            finally:
-                await self._leave(acquired)
-                metrics.REQUESTS.labels(name, code).inc()
-                metrics.LATENCY.labels(name).observe(time.perf_counter() - start)
 
         return wrapper
 
-    async def _leave(self, acquired) -> None:
-        if acquired and acquired[1]:
-            try:
-                await self.auth.release(acquired[0])
-            except Exception:  # noqa: BLE001 - Redis may be down; the counter expires
-                log.warning("could not release concurrency slot of %s", acquired[0].tenant)
+    async def _release(self, key) -> None:
+        try:
+            await self.auth.release(key)
+        except Exception:  # noqa: BLE001 - Redis may be down; the counter expires
+            log.warning("could not release concurrency slot of %s", key.tenant)
