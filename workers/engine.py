@@ -13,6 +13,13 @@ explicitly, so no model state (``model.model.rope_deltas``) is read; transformer
 ``get_rope_index`` starts text after a video at ``start + max(h, w) / merge`` instead, which the
 model was not trained with.
 
+On CUDA the engine also (see ``benchmarks/RESULTS.md``, "GPU performance"):
+
+* patches the vision attention to one packed varlen call per layer (``workers.vision_attention``);
+* normalizes and patchifies frames on the GPU (uint8 goes over the bus, not float32);
+* decodes answers with a static KV buffer and one CUDA graph per step (``workers.fast_decode``);
+* dequantizes AWQ checkpoints on the GPU when gptqmodel is absent (``workers.awq_device``).
+
 One forward runs at a time (a lock); the worker calls the engine from a thread.
 """
 
@@ -21,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -123,8 +132,8 @@ def pixel_values_videos(frames: np.ndarray | torch.Tensor, proc: VideoProcessing
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got {tuple(video.shape)}")
     video = video.permute(0, 3, 1, 2)  # T, C, H, W
-    mean = torch.tensor(proc.image_mean) * (1.0 / proc.rescale_factor)
-    std = torch.tensor(proc.image_std) * (1.0 / proc.rescale_factor)
+    mean = (torch.tensor(proc.image_mean) * (1.0 / proc.rescale_factor)).to(video.device)
+    std = (torch.tensor(proc.image_std) * (1.0 / proc.rescale_factor)).to(video.device)
     video = video.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
     t, c, h, w = video.shape
     ps, tps, ms = proc.patch_size, proc.temporal_patch_size, proc.merge_size
@@ -181,7 +190,7 @@ class Engine:
     """Qwen2.5-VL for temporal grounding. Build with :meth:`load`."""
 
     def __init__(self, model, tokenizer, *, model_name: str, revision: str, device: torch.device,
-                 dtype: torch.dtype, processing: VideoProcessing) -> None:
+                 dtype: torch.dtype, processing: VideoProcessing, fast_decode: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -200,14 +209,30 @@ class Engine:
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         if isinstance(eos, int):
             self.stop_ids.add(eos)
+        lm_params = inspect.signature(model.model.language_model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"  # 5.24 renamed it
+        if fast_decode is None:
+            fast_decode = device.type == "cuda" and os.environ.get("MOMENTS_FAST_DECODE", "1") != "0"
+        self.fast_decode = fast_decode
+        self._fast = None
+        self.prefill_attention: str | None = None
+        """SDPA backend for the prefix prefill ("cudnn", "flash", "efficient"); None: PyTorch's choice."""
+        self.vision_attention = "loop"
 
     @classmethod
     def load(cls, model: str, *, device: str = "auto", dtype: str = "auto",
-             attn_implementation: str = "sdpa") -> "Engine":
-        """Load a Qwen2.5-VL checkpoint (local folder or hub id already in the local cache)."""
+             attn_implementation: str = "sdpa", vision_attention: str = "auto",
+             fast_decode: bool | None = None) -> "Engine":
+        """Load a Qwen2.5-VL checkpoint (local folder or hub id already in the local cache).
+
+        ``vision_attention``: a ``workers.vision_attention`` backend ("auto": packed varlen on CUDA,
+        transformers' loop elsewhere). ``fast_decode``: static-KV CUDA-graph decoding (default on CUDA
+        unless ``MOMENTS_FAST_DECODE=0``).
+        """
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        from workers.awq import load_awq_model
+        from workers import vision_attention as va
+        from workers.awq import load_awq_model, native_awq_available
 
         model_dir = Path(model)
         if not (model_dir / "config.json").exists():
@@ -220,17 +245,27 @@ class Engine:
         config = json.loads((model_dir / "config.json").read_text())
         quant = (config.get("quantization_config") or {}).get("quant_method")
         with _device_errors():
-            if quant == "awq":
+            if quant == "awq" and dev.type == "cuda" and not native_awq_available():
+                from workers.awq_device import load_awq_dequantized_on_device
+
+                m = load_awq_dequantized_on_device(model_dir, dtype=torch_dtype, device=dev,
+                                                   attn_implementation=attn_implementation)
+            elif quant == "awq":
                 m = load_awq_model(model_dir, dtype=torch_dtype, device=dev, attn_implementation=attn_implementation)
             else:
                 m = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                     str(model_dir), dtype=torch_dtype, attn_implementation=attn_implementation).to(dev)
         m.eval()
+        backend = va.install(m, vision_attention)
+        if dev.type == "cuda":
+            va.speed_up_vision_tower(m)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        log.info("loaded %s on %s as %s (attention %s, quantization %s)", model, dev, torch_dtype,
-                 attn_implementation, quant or "none")
-        return cls(m, tok, model_name=model, revision=_revision(model_dir), device=dev, dtype=torch_dtype,
-                   processing=VideoProcessing.from_model_dir(model_dir))
+        log.info("loaded %s on %s as %s (attention %s, vision attention %s, quantization %s)", model, dev,
+                 torch_dtype, attn_implementation, backend, quant or "none")
+        engine = cls(m, tok, model_name=model, revision=_revision(model_dir), device=dev, dtype=torch_dtype,
+                     processing=VideoProcessing.from_model_dir(model_dir), fast_decode=fast_decode)
+        engine.vision_attention = backend
+        return engine
 
     # --- encode -----------------------------------------------------------------------------------
 
@@ -250,10 +285,12 @@ class Engine:
         grid: tuple[int, int, int] | None = None
         with self._lock, _device_errors(), torch.inference_mode():
             for start in range(0, n, step):
-                pixels, (gt, gh, gw) = pixel_values_videos(frames[start:start + step], self.processing)
+                # uint8 to the device, then the same float32 normalize/patchify there.
+                chunk = torch.as_tensor(frames[start:start + step]).to(self.device, non_blocking=True)
+                pixels, (gt, gh, gw) = pixel_values_videos(chunk, self.processing)
                 grid = (gt if grid is None else grid[0] + gt, gh, gw)
                 thw = torch.tensor([[gt, gh, gw]], device=self.device)
-                out = self.model.get_video_features(pixels.to(self.device, self.dtype), thw)
+                out = self.model.get_video_features(pixels.to(self.dtype), thw)
                 parts.append(out.pooler_output[0].to("cpu", self.dtype))
                 if progress is not None:
                     progress(min(start + step, n), n)
@@ -318,7 +355,8 @@ class Engine:
     def _language_model(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One forward of the decoder on [1, n, hidden] with ids [3, n]; returns last-token logits (fp32)."""
         out = self.model.model.language_model(
-            inputs_embeds=embeds, position_ids=positions[:, None, :].to(self.device), cache=cache, use_cache=True)
+            inputs_embeds=embeds, position_ids=positions[:, None, :].to(self.device), use_cache=True,
+            **{self._cache_kwarg: cache})
         return self.model.lm_head(out.last_hidden_state[:, -1]).float()[0]
 
     def _prefill(self, tokens: VisualTokens) -> Prefix:
@@ -335,12 +373,25 @@ class Engine:
         mask = (input_ids == self.video_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, tokens.embeds.to(self.device, embeds.dtype))
         cache = DynamicCache(config=self.model.config.text_config)
-        self._language_model(embeds, positions, cache)
+        with self._prefill_backend():
+            self._language_model(embeds, positions, cache)
         return Prefix(cache=cache, length=len(ids), next_position=next_position, key=self._key(tokens),
                       prefill_ms=(time.perf_counter() - t0) * 1e3)
 
+    def _prefill_backend(self):
+        if self.prefill_attention is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+        return sdpa_kernel([names[self.prefill_attention], SDPBackend.FLASH_ATTENTION,
+                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     def _answer_one(self, prefix: Prefix, query: str, max_new_tokens: int, first_frame_s: float,
                     duration_s: float) -> Answer:
+        if self.fast_decode:
+            return self._answer_one_fast(prefix, query, max_new_tokens, first_frame_s, duration_s)
         t0 = time.perf_counter()
         self.model.model.rope_deltas = None
         cache = copy.deepcopy(prefix.cache)
@@ -366,6 +417,41 @@ class Engine:
             logits = self._language_model(embed(torch.tensor([[token]], device=self.device)),
                                           torch.full((3, 1), pos), cache)
             pos += 1
+        t2 = time.perf_counter()
+        text, pieces = self._decode(generated, probs)
+        return Answer(text=text, segments=video_segments(text, pieces, first_frame_s, duration_s),
+                      stage_ms={"prefill": (t1 - t0) * 1e3, "generate": (t2 - t1) * 1e3})
+
+    def _answer_one_fast(self, prefix: Prefix, query: str, max_new_tokens: int, first_frame_s: float,
+                         duration_s: float) -> Answer:
+        """:meth:`_answer_one` on the static-KV decoder: same tokens, no copy of a hot prefix."""
+        from workers.fast_decode import FastDecoder
+
+        t0 = time.perf_counter()
+        if self._fast is None:
+            self._fast = FastDecoder(self.model)
+        fd = self._fast
+        q_ids = self.tokenizer(prompt.question_suffix_text(query), add_special_tokens=False).input_ids
+        self._ensure_positions(prefix.next_position + len(q_ids) + max_new_tokens)
+        fd.reserve(prefix.length + len(q_ids) + max_new_tokens)
+        fd.load_prefix(prefix.cache, prefix.length, (id(prefix.cache), prefix.length, prefix.key))
+        embed = self.model.get_input_embeddings()
+        logits = fd.prefill(embed(torch.tensor(q_ids, device=self.device)), prefix.next_position, prefix.length)
+        p = torch.softmax(logits, dim=-1)
+        token = int(torch.argmax(logits))
+        prob = float(p[token])
+        rope, index = prefix.next_position + len(q_ids), prefix.length + len(q_ids)
+        t1 = time.perf_counter()
+        generated: list[int] = []
+        probs: list[float] = []
+        while token not in self.stop_ids:
+            generated.append(token)
+            probs.append(prob)
+            if len(generated) == max_new_tokens:
+                break
+            token, prob = fd.step(token, rope, index)
+            rope += 1
+            index += 1
         t2 = time.perf_counter()
         text, pieces = self._decode(generated, probs)
         return Answer(text=text, segments=video_segments(text, pieces, first_frame_s, duration_s),

@@ -1,0 +1,148 @@
+"""The engine's GPU fast paths checked against the stock paths on the tiny model.
+
+CPU parts run everywhere: the packed vision attention (block-diagonal SDPA) against transformers'
+per-window loop, the static-KV decoder (without CUDA graphs) against the eager decoding loop, the
+device-side AWQ loader against the CPU one. The CUDA parts (varlen kernel, CUDA graphs, uint8
+patchify on the GPU) skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from workers import vision_attention as va
+from workers.engine import Engine, pixel_values_videos
+from workers.sampling import SamplingPlan
+
+QUERIES = ["a man opens the door", "the dog jumps", "seasoning the steak", "someone waves"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_plan(frames: int, fps: float, height: int = 56, width: int = 84) -> SamplingPlan:
+    return SamplingPlan(
+        fps=fps, frame_times_s=tuple(k / fps for k in range(frames)), height=height, width=width,
+        grid_t=frames // 2, grid_h=height // 14, grid_w=width // 14,
+        visual_tokens=frames // 2 * (height // 14) * (width // 14) // 4, second_per_grid_ts=2 / fps,
+    )
+
+
+def make_frames(plan: SamplingPlan, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (plan.frames, plan.height, plan.width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    return Engine.load(str(tiny_model_dir), device="cpu", fast_decode=False)
+
+
+def _vision(engine: Engine, frames: np.ndarray) -> torch.Tensor:
+    pixels, grid = pixel_values_videos(frames, engine.processing)
+    with torch.inference_mode():
+        out = engine.model.get_video_features(pixels.to(engine.device, engine.dtype),
+                                              torch.tensor([grid], device=engine.device))
+    return out.pooler_output[0].float().cpu()
+
+
+@pytest.mark.parametrize("size", [(112, 168), (224, 140)])  # several windows per frame, odd window counts
+def test_packed_vision_attention_equals_the_window_loop(engine, size):
+    plan = make_plan(6, 1.0, *size)
+    frames = make_frames(plan, 21)
+    assert engine.vision_attention == "loop"  # CPU default: transformers' own forward
+    ref = _vision(engine, frames)
+    try:
+        assert va.install(engine.model, "sdpa_mask") == "sdpa_mask"
+        got = _vision(engine, frames)
+    finally:
+        va.uninstall(engine.model)
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    assert torch.equal(_vision(engine, frames), ref)  # uninstall restores the stock forward
+
+
+def test_fast_decoder_gives_the_eager_tokens(tiny_model_dir, engine):
+    from workers.fast_decode import FastDecoder
+
+    fast = Engine.load(str(tiny_model_dir), device="cpu", fast_decode=True)
+    fast._fast = FastDecoder(fast.model, graphs=False, bucket=64, grow=128)  # several chunks and buckets
+    plan = make_plan(32, 0.5, 112, 112)  # 256 visual tokens
+    tokens = engine.encode(make_frames(plan, 22), plan)
+    prefix_e, prefix_f = engine.prefill(tokens), fast.prefill(tokens)
+    eager = engine.answer(tokens, QUERIES, max_new_tokens=24, prefix=prefix_e)
+    quick = fast.answer(tokens, QUERIES, max_new_tokens=24, prefix=prefix_f)
+    assert [a.text for a in quick] == [a.text for a in eager]
+    assert len({a.text for a in eager}) > 1 and all(a.text for a in eager)
+    assert [a.segments for a in quick] == [a.segments for a in eager]  # confidences from the same probs
+    assert set(quick[0].stage_ms) == {"prefill", "generate"}
+    # The hot prefix stays loaded across questions, and the prefix object itself is untouched.
+    assert fast._fast.loaded[0] == id(prefix_f.cache)
+    assert [a.text for a in fast.answer(tokens, QUERIES[:2], max_new_tokens=24, prefix=prefix_f)] == \
+        [a.text for a in eager[:2]]
+    # Another video (another prefix) replaces it; then back to the first one.
+    plan_b = make_plan(8, 0.2, 84, 56)
+    b = engine.encode(make_frames(plan_b, 23), plan_b)
+    assert [a.text for a in fast.answer(b, QUERIES[:2], max_new_tokens=16)] == \
+        [a.text for a in engine.answer(b, QUERIES[:2], max_new_tokens=16)]
+    assert [a.text for a in fast.answer(tokens, QUERIES[:1], max_new_tokens=24, prefix=prefix_f)] == \
+        [eager[0].text]
+
+
+def test_vision_tower_rewrites_are_exact(tiny_model_dir):
+    eng = Engine.load(str(tiny_model_dir), device="cpu", fast_decode=False)
+    frames = make_frames(make_plan(6, 1.0, 112, 168), 27)
+    ref = _vision(eng, frames)
+    changed = va.speed_up_vision_tower(eng.model, multiple=48)  # 64 -> 96 wide
+    assert changed == {"mlp_padded": len(eng.model.model.visual.blocks), "patch_embed": True}
+    assert eng.model.model.visual.blocks[0].mlp.gate_proj.weight.shape[0] == 96
+    got = _vision(eng, frames)
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_device_awq_loader_equals_the_cpu_loader(tiny_awq_model_dir):
+    from workers.awq import load_awq_model
+    from workers.awq_device import load_awq_dequantized_on_device
+
+    ref = load_awq_model(tiny_awq_model_dir, dtype=torch.float32, device=torch.device("cpu"),
+                         attn_implementation="sdpa").state_dict()
+    got = load_awq_dequantized_on_device(tiny_awq_model_dir, dtype=torch.float32, device=torch.device("cpu"),
+                                         attn_implementation="sdpa").state_dict()
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@cuda
+def test_cuda_patchify_equals_cpu():
+    from workers.engine import VideoProcessing
+
+    frames = make_frames(make_plan(4, 2.0), 24)
+    cpu, grid = pixel_values_videos(frames, VideoProcessing())
+    gpu, grid_gpu = pixel_values_videos(torch.from_numpy(frames).cuda(), VideoProcessing())
+    assert grid == grid_gpu and torch.equal(gpu.cpu(), cpu)
+
+
+@cuda
+def test_cuda_varlen_vision_attention_matches_the_loop(tiny_model_dir):
+    eng = Engine.load(str(tiny_model_dir), dtype="float16")
+    if eng.vision_attention not in ("varlen", "flash_attn"):
+        pytest.skip(f"no packed kernel here ({eng.vision_attention})")
+    frames = make_frames(make_plan(8, 1.0, 224, 168), 25)
+    got = _vision(eng, frames)
+    va.uninstall(eng.model)
+    ref = _vision(eng, frames)
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+
+
+@cuda
+def test_cuda_graph_decoder_matches_eager(tiny_model_dir):
+    eager = Engine.load(str(tiny_model_dir), dtype="float32", fast_decode=False)
+    fast = Engine.load(str(tiny_model_dir), dtype="float32", fast_decode=True)
+    plan = make_plan(16, 0.5, 112, 112)
+    tokens = eager.encode(make_frames(plan, 26), plan)
+    want = [a.text for a in eager.answer(tokens, QUERIES, max_new_tokens=24)]
+    assert [a.text for a in fast.answer(tokens, QUERIES, max_new_tokens=24)] == want
+    assert fast._fast.graphs and fast._fast._graphs
