@@ -52,6 +52,7 @@ class Settings:
     device: str = _setting("auto", "Torch device for the worker (auto, cpu, cuda, cuda:1)")
     dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     attn_implementation: str = _setting("sdpa", "sdpa, eager or flash_attention_2")
+    fast_decode: bool = _setting(True, "CUDA only: static KV buffer + CUDA-graph decode steps")
     budget_tokens: int = _setting(24576, "Default visual-token budget per video")
     max_frames: int = _setting(768, "Most sampled frames per video")
     max_new_tokens: int = _setting(64, "Most generated tokens per answer")
