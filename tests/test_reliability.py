@@ -154,7 +154,7 @@ def test_full_queue_gets_resource_exhausted_with_retry_info(redis_url, tmp_path,
 
 
 def test_expired_deadline_cancels_the_job(redis_url, tmp_path, tiny_model_dir, video_file):
-    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"encode_sleep_s": 1.5}) as s, \
+    with make_stack(redis_url, tmp_path, tiny_model_dir, faults={"encode_sleep_s": 5.0}) as s, \
             MomentsClient(s.target) as client:
         video_id = client.upload(video_file).video.video_id
         with pytest.raises(grpc.RpcError) as err:
