@@ -11,7 +11,15 @@ videos (10 and 60 minutes, low native fps, ultrafast preset) in background proce
 * end to end per video: probe, plan, decode, encode, token-cache store, prefill, first answer;
   repeat from the Redis token cache; repeat from the hot KV prefix (p50 of 5);
 * the model card's path on the same video: qwen-vl-utils-style decord decode at its defaults (full
-  resolution, 768 frames, resize), CPU patchify, ``model.generate`` with stock attention.
+  resolution, 768 frames, resize), CPU patchify, ``model.generate``, on an UNMODIFIED copy of the
+  checkpoint (``Engine.load(optimize=False)``: stock attention, MLP width, patch embedding, nothing
+  fused or compiled), loaded after the engine is freed; the stock vision micro runs on it too.
+* the engine's fused/compiled paths against the previous ones in the same run (vision unfused,
+  prefill through transformers' forward per SDPA backend), their numerics against the unmodified
+  model, and the prefill's matrix products and attention timed alone (what bounds it).
+
+Device call: ``pip install --no-index --no-deps --target /tmp/site .gpu_wheels/*.whl`` (carry
+``.gpu_wheels``: av, decord, redis client, redis-server), ``PYTHONPATH=/tmp/site:$PWD``, then this script.
 
 Every stage records wall time and peak GPU memory; ``$OUT/gpu_bench.json`` is rewritten after each
 stage, so a run cut short keeps what it measured. ``--tiny`` runs the same code end to end on the
@@ -305,19 +313,38 @@ def vision_micro(b: Bench, engine, frames_n: int, h: int, w: int) -> None:
                         visual_tokens=frames_n // 2 * (h // 28) * (w // 28), second_per_grid_ts=1.0)
     frames = np.random.default_rng(0).integers(0, 256, (frames_n, h, w, 3), dtype=np.uint8)
     floor_s = vision_flops(engine.model.config, frames_n, h, w) / b.rate
+    b.vision_check = (frames[:8], _sub(plan, 8))
+    fused = any(getattr(blk, "_moments_fused", False) for blk in engine.model.model.visual.blocks)
     with b.stage("vision_engine", frames=frames_n, size=f"{h}x{w}", tokens=plan.visual_tokens,
-                 backend=engine.vision_attention, floor_s=floor_s) as rec:
-        engine.encode(frames[:8], _sub(plan, 8))  # warm-up
-        rec["median_s"] = b.timed(lambda: engine.encode(frames, plan), repeat=2, warmup=0)
+                 backend=engine.vision_attention, fused_blocks=fused, compiled=engine.compile,
+                 floor_s=floor_s) as rec:
+        t = time.perf_counter()
+        b.vision_ref = {"engine": engine.encode(*b.vision_check).embeds.float()}  # warm-up (compiles)
+        rec["first_call_s"] = time.perf_counter() - t
+        rec["median_s"] = b.timed(lambda: engine.encode(frames, plan), repeat=3, warmup=1)
+        rec["over_floor"] = rec["median_s"] / floor_s
+    if fused:  # the previous engine path on the same card: varlen + padded MLP, transformers' block
+        with b.stage("vision_engine_unfused", frames=frames_n, backend=engine.vision_attention) as rec:
+            va.unfuse_vision_blocks(engine.model)
+            try:
+                b.vision_ref["unfused"] = engine.encode(*b.vision_check).embeds.float()
+                rec["median_s"] = b.timed(lambda: engine.encode(frames, plan), repeat=2, warmup=0)
+            finally:
+                va.fuse_vision_blocks(engine.model, engine.vision_attention, compile=engine.compile)
+    b.vision_full = (frames, plan)
+
+
+def vision_stock(b: Bench, stock, frames_n: int) -> None:
+    """transformers' unmodified vision tower (per-window loop, 3420-wide MLP, Conv3d) on the same frames."""
+    frames, plan = b.vision_full
     chunk = min(64, frames_n)
-    backend = engine.vision_attention
-    with b.stage("vision_stock", frames=frames_n, measured_frames=chunk, backend="loop") as rec:
-        va.uninstall(engine.model)
-        try:
-            rec["chunk_s"] = b.timed(lambda: engine.encode(frames[:chunk], _sub(plan, chunk)), repeat=1, warmup=1)
-            rec["median_s"] = rec["chunk_s"] * frames_n / chunk
-        finally:
-            va.install(engine.model, backend)
+    with b.stage("vision_stock", frames=frames_n, measured_frames=chunk, backend=stock.vision_attention,
+                 model="unmodified (Engine.load(optimize=False))") as rec:
+        ref = stock.encode(*b.vision_check).embeds.float()
+        for name, got in b.vision_ref.items():
+            rec[f"rel_err_{name}"] = float((got - ref).norm() / ref.norm())
+        rec["chunk_s"] = b.timed(lambda: stock.encode(frames[:chunk], _sub(plan, chunk)), repeat=1, warmup=0)
+        rec["median_s"] = rec["chunk_s"] * frames_n / chunk
 
 
 def _sub(plan, n):
@@ -332,18 +359,80 @@ def prefill_micro(b: Bench, engine, n_tokens: int) -> None:
     cfg = engine.model.config
     flops = prefill_flops(cfg, tokens.n_tokens)
     floor = max(flops / b.rate, (2 * lm_linear_params(cfg) + tokens.n_tokens * kv_bytes_per_token(cfg)) / b.bw)
-    best = (None, float("inf"))
-    for backend in (([None, "cudnn", "flash"] if not b.skip_backends else ["cudnn"]) if b.cuda else [None]):
-        engine.prefill_attention = backend
-        with b.stage(f"prefill_{backend or 'default'}", tokens=tokens.n_tokens, floor_s=floor) as rec:
-            rec["median_s"] = b.timed(lambda: engine.prefill(tokens), repeat=2, warmup=1)
+    fused_default = engine.prefill_fused
+    # Numerics: the fused prefix KV against transformers' forward, on a shorter prompt.
+    check = synthetic_tokens(engine, min(4096, n_tokens), seed=3)
+    if fused_default:
+        with b.stage("prefill_check", tokens=check.n_tokens) as rec:
+            engine.prefill_fused = False
+            ref = engine.prefill(check).cache
+            engine.prefill_fused = True
+            got = engine.prefill(check).cache  # also compiles
+            for i in (0, len(ref.layers) // 2, len(ref.layers) - 1):
+                for kind in ("keys", "values"):
+                    a, g_ = getattr(ref.layers[i], kind).float(), getattr(got.layers[i], kind).float()
+                    rec[f"rel_err_{kind}_{i}"] = float((g_ - a).norm() / a.norm())
+            del ref, got
+    variants = [(False, None), (False, "cudnn"), (False, "flash")] if b.cuda else [(False, None)]
+    if fused_default:
+        variants += [(True, "cudnn"), (True, "flash"), (True, None)]
+    if b.skip_backends:
+        variants = [v for v in variants if v[1] == "cudnn"]
+    best = ((fused_default, None), float("inf"))
+    for fused, backend in variants:
+        engine.prefill_fused, engine.prefill_attention = fused, backend
+        name = f"prefill_{'fused_' if fused else ''}{backend or 'default'}"
+        with b.stage(name, tokens=tokens.n_tokens, floor_s=floor, fused=fused) as rec:
+            rec["median_s"] = b.timed(lambda: engine.prefill(tokens), repeat=3, warmup=1)
             rec["over_floor"] = rec["median_s"] / floor
             rec["tflops"] = flops / rec["median_s"] / 1e12
-        s = b.r["stages"][f"prefill_{backend or 'default'}"].get("median_s")
+        s = b.r["stages"][name].get("median_s")
         if s is not None and s < best[1]:
-            best = (backend, s)
-    engine.prefill_attention = best[0]
-    b.r["meta"]["prefill_attention"] = best[0] or "default"
+            best = ((fused, backend), s)
+    engine.prefill_fused, engine.prefill_attention = best[0]
+    b.r["meta"]["prefill_attention"] = ("fused_" if best[0][0] else "") + (best[0][1] or "default")
+    prefill_parts(b, engine, tokens.n_tokens)
+
+
+def prefill_parts(b: Bench, engine, n: int) -> None:
+    """What bounds the prefill: its matrix products alone, and its attention alone, per backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    t = engine.model.config.text_config
+    h, heads, kvh, layers = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.num_hidden_layers
+    d = h // heads
+    g = torch.Generator(device=b.dev).manual_seed(5)
+    with b.stage("prefill_parts", tokens=n) as rec:
+        x = torch.randn(n, h, device=b.dev, dtype=engine.dtype, generator=g)
+        w = {k: torch.randn(shape, device=b.dev, dtype=engine.dtype, generator=g) * 0.02 for k, shape in
+             dict(qkv=((heads + 2 * kvh) * d, h), o=(h, h), gu=(2 * t.intermediate_size, h),
+                  down=(h, t.intermediate_size)).items()}
+
+        xd = torch.randn(n, t.intermediate_size, device=b.dev, dtype=engine.dtype, generator=g)
+
+        def gemms():
+            F.linear(x, w["qkv"])
+            F.linear(x, w["o"])
+            F.linear(x, w["gu"])
+            return F.linear(xd, w["down"])
+        s = b.timed(gemms, repeat=5, warmup=2)
+        rec["gemm_s"] = s * layers
+        rec["gemm_tflops"] = 2 * n * lm_linear_params(engine.model.config) / layers / s / 1e12
+        q = torch.randn(1, heads, n, d, device=b.dev, dtype=engine.dtype, generator=g)
+        k = torch.randn(1, kvh, n, d, device=b.dev, dtype=engine.dtype, generator=g)
+        v = torch.randn(1, kvh, n, d, device=b.dev, dtype=engine.dtype, generator=g)
+        attn_flops = 2.0 * n * n * h  # causal: half of 4 n^2 d per head
+        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel([be]):
+                    s = b.timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                                repeat=5, warmup=2)
+                rec[f"attn_{name}_s"] = s * layers
+                rec[f"attn_{name}_tflops"] = attn_flops / s / 1e12
+            except Exception as exc:  # noqa: BLE001
+                rec[f"attn_{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        del x, xd, w, q, k, v
 
 
 def generation_micro(b: Bench, engine, ctx: int, label: str, eager_tokens: int, fast_tokens: int) -> None:
@@ -464,10 +553,13 @@ async def _cache_get(url, key):
 
 
 def e2e_card(b: Bench, engine, video: Path, label: str, max_new: int) -> None:
-    """The model card's path: decord at qwen-vl-utils defaults, CPU patchify, model.generate (stock)."""
+    """The model card's path: decord at qwen-vl-utils defaults, CPU patchify, model.generate.
+
+    ``engine`` is an unmodified model (``Engine.load(optimize=False)``): transformers' vision tower
+    and decoder exactly as loaded; the engine object only supplies the tokenizer and processor values.
+    """
     from moments.probe import probe_file
     from workers import prompt
-    from workers import vision_attention as va
     from workers.engine import pixel_values_videos
 
     with b.stage(f"card_{label}") as rec:
@@ -488,9 +580,7 @@ def e2e_card(b: Bench, engine, video: Path, label: str, max_new: int) -> None:
                    second_per_grid_ts=2 / sample_fps, duration_s=info.duration_s)
         text = prompt.video_prefix_text(n_video) + prompt.question_suffix_text(QUESTIONS[0])
         ids = torch.tensor([engine.tokenizer(text, add_special_tokens=False).input_ids], device=engine.device)
-        backend = engine.vision_attention
-        va.uninstall(engine.model)
-        try:
+        if True:
             t = time.perf_counter()
             with torch.inference_mode():
                 pv = pixels.to(engine.device, engine.dtype)
@@ -509,8 +599,6 @@ def e2e_card(b: Bench, engine, video: Path, label: str, max_new: int) -> None:
                 b.sync()
                 rec["generate_call_s"] = time.perf_counter() - t
                 rec["new_tokens"] = int(out.shape[1] - ids.shape[1])
-        finally:
-            va.install(engine.model, backend)
         # generate = vision + prefill + decode; prefill + decode is the remainder.
         rec["prefill_and_decode_s"] = rec["generate_call_s"] - rec["vision_s"]
         rec["total_s"] = rec["decode_s"] + rec["patchify_s"] + rec["to_gpu_s"] + rec["generate_call_s"]
@@ -567,6 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     import transformers
 
+    try:
+        from torch.nn.attention import list_flash_attention_impls
+
+        b.r["meta"]["flash_attention_impls"] = list(list_flash_attention_impls())
+    except Exception as exc:  # noqa: BLE001
+        b.r["meta"]["flash_attention_impls"] = f"n/a ({type(exc).__name__})"
     b.r["meta"].update(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                        device=torch.cuda.get_device_name() if b.cuda else "cpu", tiny=args.tiny,
                        cpus=os.cpu_count(), native_fps=args.native_fps)
@@ -601,6 +695,14 @@ def main(argv: list[str] | None = None) -> int:
             rec["awq"] = "native (gptqmodel)" if native_awq_available() else "dequantized to fp16 at load"
             if b.cuda:
                 rec["resident_gib"] = torch.cuda.memory_allocated() / 2**30
+        vision_frames = 8 if args.tiny else 768
+        if args.tiny and not b.cuda:  # exercise the fused code paths (eager) on the CPU too
+            from workers import vision_attention as va
+
+            va.install(engine.model, "sdpa_mask")
+            engine.vision_attention = "sdpa_mask"
+            va.fuse_vision_blocks(engine.model, "sdpa_mask", compile=False)
+            engine.prefill_fused = True
         if args.tiny:
             vision_micro(b, engine, 8, 56, 84)
             prefill_micro(b, engine, 512)
@@ -610,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill_micro(b, engine, 32768)
             generation_micro(b, engine, 32768, "32k", eager_tokens=12, fast_tokens=64)
             generation_micro(b, engine, 1024, "1k", eager_tokens=0, fast_tokens=64)
+        labels = []
         for i, (path, proc) in enumerate(videos):
             label = f"{specs[i][0]:g}min"
             with b.stage(f"video_{label}") as rec:
@@ -617,10 +720,25 @@ def main(argv: list[str] | None = None) -> int:
                 rec["make_s"] = float(out.strip().splitlines()[-1]) if proc.returncode == 0 else None
                 rec["bytes"] = path.stat().st_size
             e2e_engine(b, engine, path, label, redis_url, args.max_new_tokens)
+            labels.append((label, path))
+        # The baseline: an unmodified copy of the same checkpoint (no padding, patch-embed or attention
+        # changes, nothing fused or compiled), loaded after the engine is freed.
+        del engine
+        import gc
+
+        gc.collect()
+        if b.cuda:
+            torch.cuda.empty_cache()
+        with b.stage("load_stock") as rec:
+            stock = Engine.load(str(model_dir), optimize=False)
+            rec["vision_attention"] = stock.vision_attention
+            rec["mlp_width"] = stock.model.model.visual.blocks[0].mlp.gate_proj.out_features
+        vision_stock(b, stock, vision_frames)
+        for i, (label, path) in enumerate(labels):
             if i < args.card_videos and (time.monotonic() - T0 < args.deadline_s or i == 0):
                 if b.cuda:
                     torch.cuda.empty_cache()
-                e2e_card(b, engine, path, label, args.max_new_tokens)
+                e2e_card(b, stock, path, label, args.max_new_tokens)
     finally:
         if redis_proc is not None:
             redis_proc.kill()
@@ -631,6 +749,10 @@ def main(argv: list[str] | None = None) -> int:
         b.save()
     print_table(b)
     return 0
+
+
+def fmt_(x):
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def print_table(b: Bench) -> None:
@@ -645,7 +767,17 @@ def print_table(b: Bench) -> None:
 
     row("vision 768 fr 364x644 (s)", g("vision_engine", "median_s"), g("vision_stock", "median_s"),
         g("vision_engine", "floor_s"), "<= 3 s")
+    row("vision, previous engine path (unfused) (s)", g("vision_engine_unfused", "median_s"), None,
+        g("vision_engine", "floor_s"), "")
     pf = f"prefill_{b.r['meta'].get('prefill_attention', 'default')}"
+    for name in [k for k in s if k.startswith("prefill_") and k != pf and "median_s" in s[k]]:
+        row(f"{name} 32k (s), x floor {s[name].get('over_floor', 0):.2f}", s[name]["median_s"], None,
+            s[name].get("floor_s"), "")
+    parts = s.get("prefill_parts", {})
+    if parts:
+        rows.append("| prefill parts: gemm %.3g s (%.0f TFLOP/s), attention cudnn %s s, flash %s s | | | | | |" % (
+            parts.get("gemm_s", 0), parts.get("gemm_tflops", 0), fmt_(parts.get("attn_cudnn_s")),
+            fmt_(parts.get("attn_flash_s"))))
     row(f"prefill 32k ({b.r['meta'].get('prefill_attention')}) (s)", g(pf, "median_s"), g("prefill_default", "median_s"),
         g(pf, "floor_s"), "<= 1.25x floor")
     for lab in ("32k", "1k", "ctx"):

@@ -146,3 +146,76 @@ def test_cuda_graph_decoder_matches_eager(tiny_model_dir):
     want = [a.text for a in eager.answer(tokens, QUERIES, max_new_tokens=24)]
     assert [a.text for a in fast.answer(tokens, QUERIES, max_new_tokens=24)] == want
     assert fast._fast.graphs and fast._fast._graphs
+
+
+def _fresh(tiny_model_dir, **kw) -> Engine:
+    return Engine.load(str(tiny_model_dir), device="cpu", fast_decode=False, **kw)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.environ.get("MOMENTS_TEST_COMPILE") != "1", reason="torch.compile on CPU: set MOMENTS_TEST_COMPILE=1"))])
+def test_fused_vision_blocks_equal_the_loop(tiny_model_dir, compiled):
+    eng = _fresh(tiny_model_dir)
+    frames = make_frames(make_plan(6, 1.0, 112, 168), 31)
+    ref = _vision(eng, frames)
+    va.speed_up_vision_tower(eng.model, multiple=48)
+    va.install(eng.model, "sdpa_mask")
+    assert va.fuse_vision_blocks(eng.model, "sdpa_mask", compile=compiled) == len(eng.model.model.visual.blocks)
+    got = _vision(eng, frames)
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    other = make_frames(make_plan(4, 1.0, 224, 140), 32)  # another token count: same graph when compiled
+    got_other = _vision(eng, other)
+    va.uninstall(eng.model)  # back to the stock block and attention on the same (shared) weights
+    assert not any(getattr(b, "_moments_fused", False) for b in eng.model.model.visual.blocks)
+    assert float((got_other - _vision(eng, other)).norm() / got_other.norm()) < 1e-5
+    assert torch.equal(_vision(eng, frames), ref) or float((_vision(eng, frames) - ref).norm() / ref.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.environ.get("MOMENTS_TEST_COMPILE") != "1", reason="torch.compile on CPU: set MOMENTS_TEST_COMPILE=1"))])
+def test_fused_prefill_gives_the_stock_cache(tiny_model_dir, compiled):
+    eng = _fresh(tiny_model_dir)
+    plan = make_plan(32, 0.5, 112, 112)
+    tokens = eng.encode(make_frames(plan, 33), plan)
+    assert not eng.prefill_fused  # CPU default: transformers' forward
+    ref = eng.prefill(tokens)
+    eng.prefill_fused, eng.compile = True, compiled
+    got = eng.prefill(tokens)
+    assert (got.length, got.next_position) == (ref.length, ref.next_position)
+    for a, b in zip(ref.cache.layers, got.cache.layers):
+        assert a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
+        assert float((a.keys - b.keys).norm() / a.keys.norm()) < 1e-5
+        assert float((a.values - b.values).norm() / a.values.norm()) < 1e-5
+    want = [a.text for a in eng.answer(tokens, QUERIES, max_new_tokens=24, prefix=ref)]
+    assert [a.text for a in eng.answer(tokens, QUERIES, max_new_tokens=24, prefix=got)] == want
+    # The q/k/v and gate/up linears now view shared weights: the stock forward gives the same cache.
+    eng.prefill_fused = False
+    again = eng.prefill(tokens)
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(ref.cache.layers, again.cache.layers))
+
+
+def test_stock_load_is_unmodified(tiny_model_dir):
+    stock = Engine.load(str(tiny_model_dir), optimize=False)
+    assert stock.vision_attention == "loop" and not stock.fast_decode and not stock.prefill_fused
+    assert not stock.compile
+    visual = stock.model.model.visual
+    assert all("forward" not in vars(m) for m in stock.model.modules())  # no instance-level patches
+    assert visual.blocks[0].mlp.gate_proj.out_features == stock.model.config.vision_config.intermediate_size
+
+
+@cuda
+def test_cuda_fused_compiled_vision_and_prefill(tiny_model_dir):
+    eng = Engine.load(str(tiny_model_dir), dtype="float16")
+    if eng.vision_attention not in ("varlen", "flash_attn"):
+        pytest.skip(f"no packed kernel here ({eng.vision_attention})")
+    assert any(getattr(b, "_moments_fused", False) for b in eng.model.model.visual.blocks)
+    frames = make_frames(make_plan(8, 1.0, 224, 168), 34)
+    got = _vision(eng, frames)
+    stock = Engine.load(str(tiny_model_dir), dtype="float16", optimize=False)
+    ref = _vision(stock, frames)
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+    plan = make_plan(16, 0.5, 112, 112)
+    tokens = stock.encode(make_frames(plan, 35), plan)
+    a, b = stock.prefill(tokens), eng.prefill(tokens)
+    for x, y in zip(a.cache.layers, b.cache.layers):
+        assert float((x.keys - y.keys).norm() / x.keys.norm()) < 1e-2

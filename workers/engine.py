@@ -15,7 +15,11 @@ model was not trained with.
 
 On CUDA the engine also (see ``benchmarks/RESULTS.md``, "GPU performance"):
 
-* patches the vision attention to one packed varlen call per layer (``workers.vision_attention``);
+* patches the vision attention to one packed varlen call per layer (``workers.vision_attention``)
+  and runs each vision block as [norm, qkv, rotary] -> varlen -> [proj, norm, MLP, residuals] with the
+  bracketed elementwise work fused by ``torch.compile`` (``MOMENTS_COMPILE=0``: eager);
+* prefills the ``[system][video]`` prefix with the same split per decoder layer
+  (``workers.fast_decode.FusedPrefill``; ``MOMENTS_FUSED_PREFILL=0``: transformers' forward);
 * normalizes and patchifies frames on the GPU (uint8 goes over the bus, not float32);
 * decodes answers with a static KV buffer and one CUDA graph per step (``workers.fast_decode``);
 * dequantizes AWQ checkpoints on the GPU when gptqmodel is absent (``workers.awq_device``).
@@ -218,16 +222,23 @@ class Engine:
         self.prefill_attention: str | None = None
         """SDPA backend for the prefix prefill ("cudnn", "flash", "efficient"); None: PyTorch's choice."""
         self.vision_attention = "loop"
+        self.compile = device.type == "cuda" and os.environ.get("MOMENTS_COMPILE", "1") != "0"
+        """torch.compile the fused elementwise parts (vision blocks, prefix prefill)."""
+        self.prefill_fused = device.type == "cuda" and os.environ.get("MOMENTS_FUSED_PREFILL", "1") != "0"
+        """Prefix prefill through :class:`workers.fast_decode.FusedPrefill` (where the model allows)."""
+        self._fused_prefill = None
 
     @classmethod
     def load(cls, model: str, *, device: str = "auto", dtype: str = "auto",
              attn_implementation: str = "sdpa", vision_attention: str = "auto",
-             fast_decode: bool | None = None) -> "Engine":
+             fast_decode: bool | None = None, optimize: bool = True) -> "Engine":
         """Load a Qwen2.5-VL checkpoint (local folder or hub id already in the local cache).
 
         ``vision_attention``: a ``workers.vision_attention`` backend ("auto": packed varlen on CUDA,
         transformers' loop elsewhere). ``fast_decode``: static-KV CUDA-graph decoding (default on CUDA
-        unless ``MOMENTS_FAST_DECODE=0``).
+        unless ``MOMENTS_FAST_DECODE=0``). ``optimize=False`` leaves the model exactly as transformers
+        built it (stock vision attention, no padding / fusing / compiling, stock prefill and decoding):
+        the baseline for benchmarks.
         """
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -256,15 +267,22 @@ class Engine:
                 m = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                     str(model_dir), dtype=torch_dtype, attn_implementation=attn_implementation).to(dev)
         m.eval()
-        backend = va.install(m, vision_attention)
-        if dev.type == "cuda":
+        backend = va.install(m, vision_attention if optimize else "loop")
+        compile_ = dev.type == "cuda" and optimize and os.environ.get("MOMENTS_COMPILE", "1") != "0"
+        if dev.type == "cuda" and optimize:
             va.speed_up_vision_tower(m)
+            if backend != "loop":
+                va.fuse_vision_blocks(m, backend, compile=compile_)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         log.info("loaded %s on %s as %s (attention %s, vision attention %s, quantization %s)", model, dev,
                  torch_dtype, attn_implementation, backend, quant or "none")
         engine = cls(m, tok, model_name=model, revision=_revision(model_dir), device=dev, dtype=torch_dtype,
-                     processing=VideoProcessing.from_model_dir(model_dir), fast_decode=fast_decode)
+                     processing=VideoProcessing.from_model_dir(model_dir),
+                     fast_decode=fast_decode if optimize else False)
         engine.vision_attention = backend
+        engine.compile = compile_
+        if not optimize:
+            engine.prefill_fused = False
         return engine
 
     # --- encode -----------------------------------------------------------------------------------
@@ -373,10 +391,29 @@ class Engine:
         mask = (input_ids == self.video_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, tokens.embeds.to(self.device, embeds.dtype))
         cache = DynamicCache(config=self.model.config.text_config)
+        fused = self._fused()
         with self._prefill_backend():
-            self._language_model(embeds, positions, cache)
+            if fused is not None:
+                fused.compile = self.compile
+                fused(embeds, positions[:, None, :].to(self.device), cache)
+            else:
+                self._language_model(embeds, positions, cache)
         return Prefix(cache=cache, length=len(ids), next_position=next_position, key=self._key(tokens),
                       prefill_ms=(time.perf_counter() - t0) * 1e3)
+
+    def _fused(self):
+        """The fused prefix prefill, built on first use (None where off or unsupported)."""
+        if not self.prefill_fused:
+            return None
+        if self._fused_prefill is None:
+            from workers.fast_decode import FusedPrefill
+
+            if not FusedPrefill.supported(self.model):
+                log.info("fused prefill not supported by this model: transformers' forward")
+                self.prefill_fused = False
+                return None
+            self._fused_prefill = FusedPrefill(self.model, compile=self.compile)
+        return self._fused_prefill
 
     def _prefill_backend(self):
         if self.prefill_attention is None or self.device.type != "cuda":

@@ -125,7 +125,8 @@ def install(model, backend: str = "auto") -> str:
 
 
 def uninstall(model) -> None:
-    """Back to transformers' own forward."""
+    """Back to transformers' own forward (attention and, if fused, the blocks)."""
+    unfuse_vision_blocks(model)
     for m in vision_attention_modules(model):
         if getattr(m, _ORIGINAL, False):
             del m.forward  # the instance attribute; the class method shows through again
@@ -173,3 +174,152 @@ def speed_up_vision_tower(model, multiple: int = 64) -> dict:
         log.info("vision MLP width padded to %d in %d blocks", visual.blocks[0].mlp.gate_proj.out_features,
                  changed["mlp_padded"])
     return changed
+
+
+# --- fused vision blocks (norm / rotary / SiLU-gate / residual between the matrix products) -----------
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' Qwen2_5_VLRMSNorm, operation for operation (fp32 statistics, cast back, scale).
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def vision_pre_attention(x: torch.Tensor, norm_w: torch.Tensor, eps: float, qkv_w: torch.Tensor,
+                         qkv_b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
+    """norm1 -> qkv -> vision rotary (fp32, as ``apply_rotary_pos_emb_vision``): contiguous q, k, v [N, heads, d]."""
+    n = x.shape[0]
+    qkv = F.linear(_rms_norm(x, norm_w, eps), qkv_w, qkv_b).view(n, 3, heads, -1)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    qf, kf = q.float(), k.float()
+    q = (qf * c + _rotate_half(qf) * s).to(x.dtype)
+    k = (kf * c + _rotate_half(kf) * s).to(x.dtype)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def vision_post_attention(x: torch.Tensor, attn: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
+                          norm_w: torch.Tensor, eps: float, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor,
+                          down_w: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
+    """proj + residual, norm2, gate/up (one product) -> silu(gate) * up -> down, + residual."""
+    x = x + F.linear(attn.reshape(x.shape[0], -1), proj_w, proj_b)
+    gu = F.linear(_rms_norm(x, norm_w, eps), gate_up_w, gate_up_b)
+    width = gu.shape[-1] // 2
+    return x + F.linear(F.silu(gu[:, :width]) * gu[:, width:], down_w, down_b)
+
+
+_COMPILED: dict[str, object] = {}
+_COMPILE_FAILED: set[str] = set()
+
+
+def run_compiled(name: str, fn, *args, dynamic: dict[int, int] | None = None):
+    """``fn(*args)`` through ``torch.compile`` (compiled once per process and name).
+
+    ``dynamic`` maps argument index -> dimension to mark dynamic (the token count), so one graph
+    serves every chunk / prompt length. If compiling fails (not a device error, not out of memory),
+    the name falls back to eager ``fn`` for the rest of the process, with a warning.
+    """
+    if name in _COMPILE_FAILED:
+        return fn(*args)
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    for i, dim in (dynamic or {}).items():
+        torch._dynamo.maybe_mark_dynamic(args[i], dim)
+    try:
+        return _COMPILED[name](*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc)
+        accel = getattr(torch, "AcceleratorError", None)
+        if (accel is not None and isinstance(exc, accel)) or "CUDA error" in text:
+            raise
+        log.warning("torch.compile of %s failed (%s: %s); running it eagerly", name, type(exc).__name__,
+                    text[:500])
+        _COMPILE_FAILED.add(name)
+        return fn(*args)
+
+
+def _share_gate_up(mlp) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One [2I, d] weight (and bias) holding gate then up; gate_proj / up_proj become views of it."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    if getattr(mlp, "_moments_gate_up", None) is not None:
+        return mlp._moments_gate_up
+    with torch.no_grad():
+        w = torch.cat([gate.weight, up.weight])
+        b = torch.cat([gate.bias, up.bias]) if gate.bias is not None else None
+        width = gate.weight.shape[0]
+        gate.weight = torch.nn.Parameter(w[:width], requires_grad=False)
+        up.weight = torch.nn.Parameter(w[width:], requires_grad=False)
+        if b is not None:
+            gate.bias = torch.nn.Parameter(b[:width], requires_grad=False)
+            up.bias = torch.nn.Parameter(b[width:], requires_grad=False)
+    mlp._moments_gate_up = (w, b)
+    return w, b
+
+
+def _make_block_forward(backend: str, compile: bool):
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+        attn, mlp = self.attn, self.mlp
+        cos, sin = position_embeddings
+        args = (hidden_states, self.norm1.weight, self.norm1.variance_epsilon, attn.qkv.weight, attn.qkv.bias,
+                cos, sin, attn.num_heads)
+        if compile:
+            q, k, v = run_compiled("vision_pre", vision_pre_attention, *args, dynamic={0: 0, 5: 0, 6: 0})
+        else:
+            q, k, v = vision_pre_attention(*args)
+        out = _packed_attention(q, k, v, cu_seqlens, max_seqlen, attn.scaling, backend)
+        gate_up_w, gate_up_b = mlp._moments_gate_up
+        args = (hidden_states, out, attn.proj.weight, attn.proj.bias, self.norm2.weight, self.norm2.variance_epsilon,
+                gate_up_w, gate_up_b, mlp.down_proj.weight, mlp.down_proj.bias)
+        if compile:
+            return run_compiled("vision_post", vision_post_attention, *args, dynamic={0: 0, 1: 0})
+        return vision_post_attention(*args)
+
+    return forward
+
+
+def fuse_vision_blocks(model, backend: str, *, compile: bool | None = None) -> int:
+    """Replace each vision block's forward by pre-attention / packed attention / post-attention.
+
+    ``backend`` is the packed attention (:data:`BACKENDS` minus "loop"). ``compile`` (default: on
+    CUDA) runs the two elementwise-heavy halves through ``torch.compile``, which fuses RMSNorm,
+    rotary, SiLU * up and the residual adds into a few kernels around the cuBLAS products. Same
+    operations as transformers' block; returns the number of blocks changed.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
+
+    if backend not in ("varlen", "flash_attn", "sdpa_mask"):
+        raise ValueError(f"fused vision blocks need a packed attention backend, got {backend!r}")
+    blocks = [m for m in model.modules() if isinstance(m, Qwen2_5_VLVisionBlock)]
+    if not blocks:
+        return 0
+    if type(blocks[0].mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+        log.info("vision MLP activation %s is not SiLU: blocks not fused", type(blocks[0].mlp.act_fn).__name__)
+        return 0
+    if compile is None:
+        compile = next(blocks[0].parameters()).device.type == "cuda"
+    forward = _make_block_forward(backend, compile)
+    for blk in blocks:
+        _share_gate_up(blk.mlp)
+        blk.forward = types.MethodType(forward, blk)
+        blk._moments_fused = True
+    log.info("vision blocks fused (%d, attention %s, compiled %s)", len(blocks), backend, compile)
+    return len(blocks)
+
+
+def unfuse_vision_blocks(model) -> None:
+    """Back to transformers' block forward (the shared gate/up storage stays: same values)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
+
+    for m in model.modules():
+        if isinstance(m, Qwen2_5_VLVisionBlock) and getattr(m, "_moments_fused", False):
+            del m.forward
+            del m._moments_fused
