@@ -53,6 +53,8 @@ class Settings:
     dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     attn_implementation: str = _setting("sdpa", "sdpa, eager or flash_attention_2")
     fast_decode: bool = _setting(True, "CUDA only: static KV buffer + CUDA-graph decode steps")
+    compile: bool = _setting(True, "CUDA only: torch.compile the fused vision blocks and prefill")
+    fused_prefill: bool = _setting(True, "CUDA only: fused prefix prefill (plain Linear layers)")
     budget_tokens: int = _setting(24576, "Default visual-token budget per video")
     max_frames: int = _setting(768, "Most sampled frames per video")
     max_new_tokens: int = _setting(64, "Most generated tokens per answer")

@@ -17,9 +17,9 @@ On CUDA the engine also (see ``benchmarks/RESULTS.md``, "GPU performance"):
 
 * patches the vision attention to one packed varlen call per layer (``workers.vision_attention``)
   and runs each vision block as [norm, qkv, rotary] -> varlen -> [proj, norm, MLP, residuals] with the
-  bracketed elementwise work fused by ``torch.compile`` (``MOMENTS_COMPILE=0``: eager);
+  bracketed elementwise work fused by ``torch.compile`` (setting ``compile``);
 * prefills the ``[system][video]`` prefix with the same split per decoder layer
-  (``workers.fast_decode.FusedPrefill``; ``MOMENTS_FUSED_PREFILL=0``: transformers' forward);
+  (``workers.fast_decode.FusedPrefill``; setting ``fused_prefill``);
 * normalizes and patchifies frames on the GPU (uint8 goes over the bus, not float32);
 * decodes answers with a static KV buffer and one CUDA graph per step (``workers.fast_decode``);
 * dequantizes AWQ checkpoints on the GPU when gptqmodel is absent (``workers.awq_device``).
@@ -35,7 +35,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -194,7 +193,8 @@ class Engine:
     """Qwen2.5-VL for temporal grounding. Build with :meth:`load`."""
 
     def __init__(self, model, tokenizer, *, model_name: str, revision: str, device: torch.device,
-                 dtype: torch.dtype, processing: VideoProcessing, fast_decode: bool | None = None) -> None:
+                 dtype: torch.dtype, processing: VideoProcessing, fast_decode: bool | None = None,
+                 compile: bool = True, fused_prefill: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -215,28 +215,28 @@ class Engine:
             self.stop_ids.add(eos)
         lm_params = inspect.signature(model.model.language_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"  # 5.24 renamed it
-        if fast_decode is None:
-            fast_decode = device.type == "cuda" and os.environ.get("MOMENTS_FAST_DECODE", "1") != "0"
-        self.fast_decode = fast_decode
+        self.fast_decode = device.type == "cuda" if fast_decode is None else fast_decode
         self._fast = None
         self.prefill_attention: str | None = None
         """SDPA backend for the prefix prefill ("cudnn", "flash", "efficient"); None: PyTorch's choice."""
         self.vision_attention = "loop"
-        self.compile = device.type == "cuda" and os.environ.get("MOMENTS_COMPILE", "1") != "0"
+        self.compile = device.type == "cuda" and compile
         """torch.compile the fused elementwise parts (vision blocks, prefix prefill)."""
-        self.prefill_fused = device.type == "cuda" and os.environ.get("MOMENTS_FUSED_PREFILL", "1") != "0"
+        self.prefill_fused = device.type == "cuda" and fused_prefill
         """Prefix prefill through :class:`workers.fast_decode.FusedPrefill` (where the model allows)."""
         self._fused_prefill = None
 
     @classmethod
     def load(cls, model: str, *, device: str = "auto", dtype: str = "auto",
              attn_implementation: str = "sdpa", vision_attention: str = "auto",
-             fast_decode: bool | None = None, optimize: bool = True) -> "Engine":
+             fast_decode: bool | None = None, compile: bool = True, fused_prefill: bool = True,
+             optimize: bool = True) -> "Engine":
         """Load a Qwen2.5-VL checkpoint (local folder or hub id already in the local cache).
 
         ``vision_attention``: a ``workers.vision_attention`` backend ("auto": packed varlen on CUDA,
-        transformers' loop elsewhere). ``fast_decode``: static-KV CUDA-graph decoding (default on CUDA
-        unless ``MOMENTS_FAST_DECODE=0``). ``optimize=False`` leaves the model exactly as transformers
+        transformers' loop elsewhere). ``fast_decode``: static-KV CUDA-graph decoding (None: on CUDA).
+        ``compile``: torch.compile the fused vision blocks and prefill; ``fused_prefill``: prefix
+        prefill through ``workers.fast_decode.FusedPrefill`` (both CUDA only). ``optimize=False`` leaves the model exactly as transformers
         built it (stock vision attention, no padding / fusing / compiling, stock prefill and decoding):
         the baseline for benchmarks.
         """
@@ -268,7 +268,7 @@ class Engine:
                     str(model_dir), dtype=torch_dtype, attn_implementation=attn_implementation).to(dev)
         m.eval()
         backend = va.install(m, vision_attention if optimize else "loop")
-        compile_ = dev.type == "cuda" and optimize and os.environ.get("MOMENTS_COMPILE", "1") != "0"
+        compile_ = dev.type == "cuda" and optimize and compile
         if dev.type == "cuda" and optimize:
             va.speed_up_vision_tower(m)
             if backend != "loop":
@@ -278,11 +278,9 @@ class Engine:
                  torch_dtype, attn_implementation, backend, quant or "none")
         engine = cls(m, tok, model_name=model, revision=_revision(model_dir), device=dev, dtype=torch_dtype,
                      processing=VideoProcessing.from_model_dir(model_dir),
-                     fast_decode=fast_decode if optimize else False)
+                     fast_decode=fast_decode if optimize else False, compile=compile_,
+                     fused_prefill=fused_prefill and optimize)
         engine.vision_attention = backend
-        engine.compile = compile_
-        if not optimize:
-            engine.prefill_fused = False
         return engine
 
     # --- encode -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ async def run_worker(settings: Settings, engine: Engine | None = None, *, ready:
             Engine.load, settings.model, device=settings.device, dtype=settings.dtype,
             attn_implementation=settings.attn_implementation,
             fast_decode=None if settings.fast_decode else False,  # None: on where the device allows
+            compile=settings.compile, fused_prefill=settings.fused_prefill,
         )
     engine = maybe_faulty(engine)
     redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=30.0)
