@@ -167,14 +167,14 @@ class GrpcRunner:
         self.client.close()
 
     def answer(self, path: Path, queries: Sequence[str]) -> list[Prediction]:
-        from moments.records import duration_s
+        from moments.records import Segment
 
         video_id = self.client.upload(path).video.video_id
         out: list[Prediction] = []
         for i in range(0, len(queries), self.max_queries):
             response = self.client.localize(video_id, list(queries[i:i + self.max_queries]), timeout_s=self.timeout_s)
             for result in response.results:
-                segs = [(duration_s(g.start_offset), duration_s(g.end_offset), g.confidence) for g in result.segments]
+                segs = [(s.start_s, s.end_s, s.confidence) for s in map(Segment.from_pb, result.segments)]
                 out.append(Prediction(ranked(segs), result.raw_answer))
         return out
 

@@ -120,6 +120,10 @@ class Segment:
     end_s: float
     confidence: float = 0.0
 
+    @classmethod
+    def from_pb(cls, m: pb.Segment) -> "Segment":
+        return cls(duration_s(m.start_offset), duration_s(m.end_offset), m.confidence)
+
     def to_pb(self) -> pb.Segment:
         return pb.Segment(
             start_offset=duration_pb(self.start_s),

@@ -37,7 +37,7 @@ TIME_BASE = Fraction(1, 90000)
 class Event:
     """``shape`` of ``color`` is visible from ``start_s`` to ``end_s``, moving left to right.
 
-    ``lane`` (0..LANES-1) picks a horizontal band; None draws it across the middle.
+    ``lane`` (0..LANES-1) picks a horizontal band; None is the middle one.
     """
 
     color: str
@@ -81,10 +81,8 @@ def _background(width: int, height: int, t: float) -> np.ndarray:
 
 def _draw(frame: np.ndarray, event: Event, t: float) -> None:
     h, w, _ = frame.shape
-    if event.lane is None:
-        size, cy = min(h, w) // 3, h // 2
-    else:
-        size, cy = h // (LANES + 1), int(h * (event.lane + 1) / (LANES + 1))
+    lane = (LANES - 1) // 2 if event.lane is None else event.lane  # None: the middle band
+    size, cy = h // (LANES + 1), int(h * (lane + 1) / (LANES + 1))
     progress = (t - event.start_s) / max(event.end_s - event.start_s, 1e-6)
     cx = int(w * 0.3 + (w * 0.4) * progress)
     half = size // 2

@@ -225,6 +225,8 @@ class Engine:
         self.prefill_fused = device.type == "cuda" and fused_prefill
         """Prefix prefill through :class:`workers.fast_decode.FusedPrefill` (where the model allows)."""
         self._fused_prefill = None
+        self.sampling_bounds: dict[str, int] = {}
+        """Per-frame pixel bounds the checkpoint needs (``moments_sampling.json``; the tiny grounder)."""
 
     @classmethod
     def load(cls, model: str, *, device: str = "auto", dtype: str = "auto",
@@ -281,6 +283,10 @@ class Engine:
                      fast_decode=fast_decode if optimize else False, compile=compile_,
                      fused_prefill=fused_prefill and optimize)
         engine.vision_attention = backend
+        bounds = model_dir / "moments_sampling.json"
+        if bounds.is_file():
+            engine.sampling_bounds = {k: int(v) for k, v in json.loads(bounds.read_text()).items()
+                                      if k in ("min_pixels", "max_pixels")}
         return engine
 
     # --- encode -----------------------------------------------------------------------------------

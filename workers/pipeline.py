@@ -52,6 +52,7 @@ class Pipeline:
             budget_tokens=s.budget_tokens or self.settings.budget_tokens,
             start_s=s.start_s,
             end_s=s.end_s,
+            **self.engine.sampling_bounds,
         )
         return plan_sampling(info.duration_s, info.native_fps, info.width, info.height, options)
 
