@@ -17,24 +17,8 @@ from moments.errors import FatalDeviceError
 from workers import prompt
 from workers.answer_parser import parse_answer
 from workers.engine import Engine, mrope_positions, pixel_values_videos, video_segments
-from workers.sampling import SamplingPlan
+from tests.plans import QUERIES, make_frames, make_plan
 from workers.tiny_model import build_tiny_model
-
-QUERIES = ["a man opens the door", "the dog jumps", "seasoning the steak", "someone waves"]
-
-
-def make_plan(frames: int, fps: float, height: int = 56, width: int = 84) -> SamplingPlan:
-    return SamplingPlan(
-        fps=fps, frame_times_s=tuple(k / fps for k in range(frames)), height=height, width=width,
-        grid_t=frames // 2, grid_h=height // 14, grid_w=width // 14,
-        visual_tokens=frames // 2 * (height // 14) * (width // 14) // 4, second_per_grid_ts=2 / fps,
-    )
-
-
-def make_frames(plan: SamplingPlan, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (plan.frames, plan.height, plan.width, 3), dtype=np.uint8)
-
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir) -> Engine:

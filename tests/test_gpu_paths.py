@@ -18,23 +18,9 @@ import torch
 
 from workers import vision_attention as va
 from workers.engine import Engine, pixel_values_videos
-from workers.sampling import SamplingPlan
+from tests.plans import QUERIES, make_frames, make_plan
 
-QUERIES = ["a man opens the door", "the dog jumps", "seasoning the steak", "someone waves"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def make_plan(frames: int, fps: float, height: int = 56, width: int = 84) -> SamplingPlan:
-    return SamplingPlan(
-        fps=fps, frame_times_s=tuple(k / fps for k in range(frames)), height=height, width=width,
-        grid_t=frames // 2, grid_h=height // 14, grid_w=width // 14,
-        visual_tokens=frames // 2 * (height // 14) * (width // 14) // 4, second_per_grid_ts=2 / fps,
-    )
-
-
-def make_frames(plan: SamplingPlan, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (plan.frames, plan.height, plan.width, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")

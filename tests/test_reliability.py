@@ -20,7 +20,6 @@ from grpc_status import rpc_status
 from moments import jobs, keys
 from moments.client import MomentsClient
 from moments.synthetic import Event, write_event_video
-from moments.v1 import moments_pb2 as pb
 from tests.stack import ThreadedStack, stack_settings
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import torch
 
 from moments import keys
 from moments.config import Settings
-from moments.records import Job, SamplingRequest, VideoInfo
+from moments.records import Job, SamplingRequest
 from moments.synthetic import Event, write_event_video
 from tests.conftest import free_port
 from workers.engine import Engine

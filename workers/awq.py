@@ -123,21 +123,12 @@ def dequantized_state_dict(model_dir: Path, group_size: int, dtype: torch.dtype)
     return state
 
 
-def load_awq_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str):
-    """Load an AWQ Qwen2.5-VL checkpoint: natively through gptqmodel when importable, else dequantized."""
+def empty_unquantized_model(model_dir: Path, *, dtype: torch.dtype, attn_implementation: str):
+    """A weightless (meta) plain-Linear model for an AWQ checkpoint, and its group size."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-    if native_awq_available():
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(model_dir), dtype=dtype, device_map=str(device), attn_implementation=attn_implementation)
-        q_proj = model.model.language_model.layers[0].self_attn.q_proj
-        log.info("AWQ loaded natively through gptqmodel: kernel %s, backend %s",
-                 type(q_proj).__name__, getattr(model.config.quantization_config, "backend", "?"))
-        return model
-
-    from accelerate import init_empty_weights
-
-    qcfg = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+    qcfg = json.loads((Path(model_dir) / "config.json").read_text())["quantization_config"]
     if qcfg.get("bits", 4) != BITS or str(qcfg.get("version", "gemm")).lower() != "gemm" \
             or not qcfg.get("zero_point", True):
         raise ValueError(f"unsupported AWQ config for the dequantizing loader: {qcfg}")
@@ -147,7 +138,23 @@ def load_awq_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device,
     config._attn_implementation = attn_implementation
     with init_empty_weights(include_buffers=False):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    state = dequantized_state_dict(model_dir, int(qcfg["group_size"]), dtype)
+    return model, int(qcfg["group_size"])
+
+
+def load_awq_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str):
+    """Load an AWQ Qwen2.5-VL checkpoint: natively through gptqmodel when importable, else dequantized."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if native_awq_available():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(model_dir), dtype=dtype, device_map=str(device), attn_implementation=attn_implementation)
+        q_proj = model.model.language_model.layers[0].self_attn.q_proj
+        log.info("AWQ loaded natively through gptqmodel: kernel %s, backend %s",
+                 type(q_proj).__name__, getattr(model.config.quantization_config, "backend", "?"))
+        return model
+
+    model, group_size = empty_unquantized_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    state = dequantized_state_dict(model_dir, group_size, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device)
     log.info("AWQ loaded by dequantizing to %s Linear weights (gptqmodel not installed; no 4-bit kernels)", dtype)

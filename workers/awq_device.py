@@ -8,13 +8,12 @@ the same values as the CPU path).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from workers.awq import BITS, dequantize_awq, hub_key_to_module_key
+from workers.awq import dequantize_awq, empty_unquantized_model, hub_key_to_module_key
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +44,8 @@ def dequantized_state_dict_on(model_dir: Path, group_size: int, dtype: torch.dty
 def load_awq_dequantized_on_device(model_dir: Path, *, dtype: torch.dtype, device: torch.device,
                                    attn_implementation: str):
     """The dequantizing branch of ``workers.awq.load_awq_model``, with the work done on ``device``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
-    qcfg = json.loads((Path(model_dir) / "config.json").read_text())["quantization_config"]
-    if qcfg.get("bits", 4) != BITS or str(qcfg.get("version", "gemm")).lower() != "gemm" \
-            or not qcfg.get("zero_point", True):
-        raise ValueError(f"unsupported AWQ config for the dequantizing loader: {qcfg}")
-    config = AutoConfig.from_pretrained(str(model_dir))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config._attn_implementation = attn_implementation
-    with init_empty_weights(include_buffers=False):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    state = dequantized_state_dict_on(Path(model_dir), int(qcfg["group_size"]), dtype, device)
+    model, group_size = empty_unquantized_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    state = dequantized_state_dict_on(Path(model_dir), group_size, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.to(device)
