@@ -112,6 +112,8 @@ class JobClient:
 
     async def _abandon(self, job_id: str) -> None:
         try:
+            if not await self.redis.exists(keys.job(job_id)):
+                return  # lost with a Redis restart: nothing to stop
             waiters = await self.redis.hincrby(keys.job(job_id), "waiters", -1)
             if waiters <= 0:
                 await self.redis.set(keys.job_cancel(job_id), 1, ex=jobs.EVENTS_TTL_S)
