@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import av
 import numpy as np
 import torch
 
-from moments.synthetic import Scene, frame_times_s, random_scene, render_frame, shown_time_s
+from moments.synthetic import COLORS, Scene, frame_times_s, random_scene, render_frame, shown_time_s
 from workers import prompt
 from workers.answer_parser import format_segment
 from workers.decode import INTERPOLATION
@@ -56,11 +57,11 @@ TRAIN_DURATION_S = (20.0, 300.0)
 HELD_OUT_DURATIONS_S = (23.5, 37.5, 53.0, 67.5, 81.0, 96.5, 117.0, 143.0, 188.5, 251.0)
 """Lengths never drawn for training (half-second ones cannot be; whole ones are skipped)."""
 
-# Model sizes: a 128-wide, 4-layer decoder with 64-wide heads. The temporal M-RoPE section gets 16
+# Model sizes: a 192-wide, 6-layer decoder with 3 heads of 64 (~3.4 M parameters, ~13.5 MB float32). The temporal M-RoPE section gets 16
 # of the 32 rotary frequencies (rope_theta 1e6: periods from 3 s to 35 min at 2 ids per second),
 # so time is readable at every scale from the first to the last frame of a 20 min video.
-TEXT = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
-            intermediate_size=384)
+TEXT = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, num_key_value_heads=3,
+            intermediate_size=512)
 MROPE_SECTION = [16, 8, 8]
 VISION = dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128)
 
@@ -133,33 +134,135 @@ class Examples:
         prefix = self.ids(prompt.video_prefix_text(plan.visual_tokens))
         question = self.ids(prompt.question_suffix_text(event.query))
         answer = self.ids(format_segment(event.start_s, event.end_s)) + [self.end_id]
+        ids = prefix + question + answer
+        rows = [(ids, len(answer))]  # the drawn query first, then the scene's other events (same video)
+        for other in scene.events:
+            if other != event:
+                a = self.ids(format_segment(other.start_s, other.end_s)) + [self.end_id]
+                rows.append((prefix + self.ids(prompt.question_suffix_text(other.query)) + a, len(a)))
         return {"scene": scene, "plan": plan, "frames": scene_frames(scene, plan),
-                "ids": prefix + question + answer, "n_answer": len(answer)}
+                "ids": ids, "n_answer": len(answer), "rows": rows, **aux_targets(scene, plan)}
 
 
-def batch_loss(model, batch: list[dict], proc: VideoProcessing) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens over a batch (vision tower run once for all)."""
+AUX_COLORS = sorted(COLORS)
+
+
+def aux_targets(scene: Scene, plan: SamplingPlan) -> dict:
+    """Per temporal grid step (2 frames): its time in seconds as the M-RoPE ids say it (id / 2, from
+    the first sampled frame), and which colours are visible in it. Auxiliary
+    training targets read from the LM's middle layer at the video tokens, so that the decoder learns
+    early to turn temporal rotary ids into a time value and to see the objects."""
+    times = frame_times_s(scene.duration_s, scene.fps, vfr=scene.vfr, seed=scene.seed)
+    shown = [shown_time_s(times, t) for t in plan.frame_times_s]
+    gt = plan.frames // 2
+    step_s = [int(k * 2 * plan.second_per_grid_ts) / 2.0 for k in range(gt)]
+    vis = np.zeros((gt, len(AUX_COLORS)), np.float32)
+    for k in range(gt):
+        for t in shown[2 * k:2 * k + 2]:
+            for e in scene.events:
+                if e.start_s <= t < e.end_s:
+                    vis[k, AUX_COLORS.index(e.color)] = 1.0
+    return {"step_s": np.asarray(step_s, np.float32), "visible": vis}
+
+
+def _batched_vision_attention(original):
+    """Qwen2.5-VL's vision attention without flash-attn loops over every window/frame chunk (thousands
+    per training batch). When all chunks have one length (training: every frame is 56x84), run them
+    as one batched SDPA call instead; same math. Anything else goes to ``original``."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        n = int(lengths[0])
+        if position_embeddings is None or not bool((lengths == n).all()):
+            return original(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                            max_seqlen=max_seqlen, **kwargs)
+        seq = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        q, k = m.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        c = seq // n
+        q, k, v = (t.reshape(c, n, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        return self.proj(o.transpose(1, 2).reshape(seq, -1))
+
+    return forward
+
+
+def patch_vision_attention() -> None:
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+
+    cls = m.Qwen2_5_VLVisionAttention
+    if not getattr(cls, "_moments_batched", False):
+        cls.forward = _batched_vision_attention(cls.forward)
+        cls._moments_batched = True
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only heads on the middle layer's video tokens (not saved with the checkpoint)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.time = torch.nn.Linear(hidden, 1 + 3 * 10)  # seconds / 100, and its 3 digits (hundreds, tens, units)
+        self.visible = torch.nn.Linear(hidden, len(AUX_COLORS))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.time(h), self.visible(h)
+
+
+def batch_loss(model, batch: list[dict], proc: VideoProcessing, aux: AuxHeads | None = None,
+               aux_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the answer tokens over a batch (vision tower run once for all, one padded
+    LM forward for all); plus the auxiliary loss. Returns (total, answer loss, aux loss)."""
     cfg = model.config
+    dev = next(model.parameters()).device
     pixels, grids = [], []
     for ex in batch:
-        p, thw = pixel_values_videos(ex["frames"], proc)
+        p, thw = pixel_values_videos(torch.as_tensor(ex["frames"]).to(dev, non_blocking=True), proc)
         pixels.append(p)
         grids.append(thw)
-    feats = model.model.get_video_features(torch.cat(pixels), torch.tensor(grids)).pooler_output
+    feats = model.model.get_video_features(torch.cat(pixels), torch.tensor(grids, device=dev)).pooler_output
     embed = model.get_input_embeddings()
-    total = torch.zeros(())
-    for ex, video, thw in zip(batch, feats, grids):
-        ids = torch.tensor([ex["ids"]])
-        positions, _ = mrope_positions(ex["ids"], cfg.video_token_id, thw, ex["plan"].second_per_grid_ts,
+    feats = list(feats) if isinstance(feats, (list, tuple)) else list(feats.split([g[0] * g[1] * g[2] // 4 for g in grids]))
+    # One LM row per query: every event of a video is asked about (the video is encoded once).
+    rows = [(b, ids_, n) for b, ex in enumerate(batch) for ids_, n in ex.get("rows", [(ex["ids"], ex["n_answer"])])]
+    B, L = len(rows), max(len(r[1]) for r in rows)
+    ids = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.zeros((3, B, L), dtype=torch.long)
+    att = torch.zeros((B, L), dtype=torch.long)
+    targets = torch.full((B, L), -100, dtype=torch.long)
+    for b, (e, row_ids, n) in enumerate(rows):
+        ex, thw = batch[e], grids[e]
+        n_ids = len(row_ids)
+        ids[b, :n_ids] = torch.tensor(row_ids)
+        positions, _ = mrope_positions(row_ids, cfg.video_token_id, thw, ex["plan"].second_per_grid_ts,
                                        cfg.vision_config.tokens_per_second, cfg.vision_config.spatial_merge_size)
-        x = embed(ids)
-        mask = (ids == cfg.video_token_id).unsqueeze(-1).expand_as(x)
-        x = x.masked_scatter(mask, video.to(x.dtype))
-        n = ex["n_answer"]
-        out = model.model.language_model(inputs_embeds=x, position_ids=positions[:, None, :], use_cache=False)
-        logits = model.lm_head(out.last_hidden_state[0, -n - 1:-1])
-        total = total + torch.nn.functional.cross_entropy(logits, ids[0, -n:])
-    return total / len(batch)
+        pos[:, b, :n_ids] = positions
+        att[b, :n_ids] = 1
+        targets[b, n_ids - n - 1:n_ids - 1] = ids[b, n_ids - n:n_ids]
+    ids, pos, att, targets = (t.to(dev, non_blocking=True) for t in (ids, pos, att, targets))
+    x = embed(ids)
+    mask = (ids == cfg.video_token_id).unsqueeze(-1).expand_as(x)
+    x = x.masked_scatter(mask, torch.cat([feats[e] for e, _, _ in rows]).to(x.dtype))
+    want_aux = aux is not None and aux_weight > 0
+    out = model.model.language_model(inputs_embeds=x, position_ids=pos, attention_mask=att, use_cache=False,
+                                     output_hidden_states=want_aux)
+    logits = model.lm_head(out.last_hidden_state)
+    answer = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    aux_loss = torch.zeros((), device=dev)
+    if want_aux:
+        first = torch.tensor([i for i, r in enumerate(rows) if i == 0 or rows[i - 1][0] != r[0]], device=dev)
+        h = out.hidden_states[len(out.hidden_states) // 2][first][mask[first][..., 0]]  # video tokens, batch order
+        per_step = [thw[1] * thw[2] // cfg.vision_config.spatial_merge_size ** 2 for thw in grids]
+        step_s = torch.cat([torch.as_tensor(ex["step_s"]).repeat_interleave(n) for ex, n in zip(batch, per_step)]).to(dev)
+        vis = torch.cat([torch.as_tensor(ex["visible"]).repeat_interleave(n, dim=0) for ex, n in zip(batch, per_step)]).to(dev)
+        t_out, v_out = aux(h.float())
+        sec = step_s.round().long().clamp(0, 999)
+        digits = torch.stack([sec // 100, (sec // 10) % 10, sec % 10], dim=1)
+        aux_loss = (torch.nn.functional.mse_loss(t_out[:, 0], step_s / 100.0)
+                    + torch.nn.functional.cross_entropy(t_out[:, 1:].reshape(-1, 3, 10).flatten(0, 1), digits.flatten())
+                    + torch.nn.functional.binary_cross_entropy_with_logits(v_out, vis))
+    return answer + aux_weight * aux_loss, answer, aux_loss
 
 
 def iou(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -182,74 +285,135 @@ def quick_eval(engine: Engine, scenes: list[Scene]) -> float:
     return float(np.mean(scores))
 
 
-def save(model, cfg: dict, out: Path) -> None:
+def save(model, cfg: dict, out: Path, name: str = "model.safetensors") -> None:
     from safetensors.torch import save_file
 
     state = {legacy_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / name), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+_EXAMPLES: "Examples | None" = None
+
+
+def _set_examples(examples: "Examples") -> None:
+    global _EXAMPLES
+    _EXAMPLES = examples
+
+
+def _render(start: int, n: int) -> list[dict]:
+    return [_EXAMPLES(i) for i in range(start, start + n)]
+
+
+def _prefetch(pool, total: int, *, chunk: int, ahead: int):
+    """Examples 0..total-1 in order, rendered by ``pool`` at most ``ahead`` chunks in advance."""
+    from collections import deque
+
+    pending, nxt = deque(), 0
+    while pending or nxt < total:
+        while len(pending) < ahead and nxt < total:
+            pending.append(pool.apply_async(_render, (nxt, min(chunk, total - nxt))))
+            nxt += chunk
+        yield from pending.popleft().get()
+
+
 def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, threads: int,
-          single_event_fraction: float, stop_after_steps: int = 0,
-          time_limit_s: float) -> dict:
+          single_event_fraction: float, stop_after_steps: int = 0, time_limit_s: float,
+          device: str = "cpu", workers: int = 1, aux_weight: float = 0.0, aux_until: float = 1.0,
+          eval_every_s: float = 0.0, command: str = "") -> dict:
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
     build_tiny_model(out, seed=seed)  # tokenizer, chat template, processor configs, generation config
     cfg = grounder_config(json.loads((out / "config.json").read_text()))
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / SAMPLING_FILE).write_text(json.dumps({"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}) + "\n")
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).train()
+    patch_vision_attention()
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).to(dev).train()
+    aux = AuxHeads(cfg["hidden_size"]).to(dev)
     tok = AutoTokenizer.from_pretrained(str(out))
     proc = VideoProcessing.from_model_dir(out)
-    engine = Engine(model, tok, model_name="train", revision="train", device=torch.device("cpu"),
-                    dtype=torch.float32, processing=proc)
+    engine = Engine(model, tok, model_name="train", revision="train", device=dev,
+                    dtype=torch.float32, processing=proc, fast_decode=False, compile=False, fused_prefill=False)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("training %.2fM parameters for %d steps of %d", n_params / 1e6, steps, batch_size)
+    log.info("training %.2fM parameters for %d steps of %d on %s, %d render workers, aux weight %.2f",
+             n_params / 1e6, steps, batch_size, dev, workers, aux_weight)
 
     examples = Examples(tok, seed, single_event_until=int(steps * batch_size * single_event_fraction))
-    # One child process renders examples while this one trains (frames are cheap to pickle).
-    pool = multiprocessing.get_context("fork").Pool(1)
-    stream = pool.imap(examples, range(steps * batch_size), chunksize=batch_size)
+    # Child processes render examples while this one trains (uint8 frames are cheap to pickle), a
+    # bounded number of chunks ahead, in order.
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_set_examples, initargs=(examples,))
+    stream = _prefetch(pool, steps * batch_size, chunk=8, ahead=4 * workers)
     eval_rng = random.Random(seed + 1)
     eval_scenes = [random_scene(eval_rng, d) for d in HELD_OUT_DURATIONS_S]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    history = []
+    opt = torch.optim.AdamW(list(model.parameters()) + list(aux.parameters()), lr=lr, weight_decay=0.01,
+                            betas=(0.9, 0.98))
     started = time.monotonic()
+
+    def progress(step: int) -> float:
+        """Fraction of the run done: by steps, or by the time limit when that comes first."""
+        return min(1.0, max(step / steps, (time.monotonic() - started) / time_limit_s))
+
+    def lr_at(step: int) -> float:
+        p = progress(step)
+        return lr * min(1.0, p / 0.03 + 0.01) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    history = []
     ema = None
+    waited = 0.0
+    last_eval = started
+    best = -1.0
     for step in range(1, steps + 1):
-        loss = batch_loss(model, [next(stream) for _ in range(batch_size)], proc)
+        t0 = time.monotonic()
+        batch = [next(stream) for _ in range(batch_size)]
+        waited += time.monotonic() - t0
+        w = aux_weight if progress(step) < aux_until else 0.0
+        loss, answer, aux_loss = batch_loss(model, batch, proc, aux, w)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        a = answer.item()
+        ema = a if ema is None else 0.95 * ema + 0.05 * a
         elapsed = time.monotonic() - started
         if step % 25 == 0:
-            log.info("step %d loss %.4f (ema %.4f) lr %.2e %.0f s", step, loss.item(), ema,
-                     sched.get_last_lr()[0], elapsed)
+            log.info("step %d answer loss %.4f (ema %.4f) aux %.4f lr %.2e %.0f s (%.0f s waiting for data)",
+                     step, a, ema, aux_loss.item(), opt.param_groups[0]["lr"], elapsed, waited)
         last = step == steps or step == stop_after_steps or elapsed > time_limit_s
-        if step % eval_every == 0 or last:
+        due = (step % eval_every == 0) if not eval_every_s else (time.monotonic() - last_eval > eval_every_s)
+        if due or last:
             model.eval()
-            miou = quick_eval(engine, eval_scenes)
+            try:
+                with torch.no_grad():
+                    miou = quick_eval(engine, eval_scenes)
+            except Exception:  # an evaluation failure must not lose the run
+                log.exception("quick_eval failed")
+                miou = -1.0
             model.train()
+            last_eval = time.monotonic()
             history.append({"step": step, "loss_ema": round(ema, 4), "held_out_miou": round(miou, 4),
                             "elapsed_s": round(elapsed)})
             log.info("step %d held-out mIoU %.3f", step, miou)
             save(model, cfg, out)
+            if miou >= best:
+                best = miou
+                save(model, cfg, out, name="model_best.safetensors")
         if last:
             break
     pool.terminate()
-    summary = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": n_params,
-               "train_s": round(time.monotonic() - started), "history": history,
-               "torch": torch.__version__}
+    summary = {"command": command, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               "steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": n_params,
+               "aux_weight": aux_weight, "aux_until": aux_until, "workers": workers,
+               "train_s": round(time.monotonic() - started), "data_wait_s": round(waited), "best_quick_miou": best,
+               "history": history, "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -268,13 +432,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="first part of the run with one event per video (curriculum)")
     parser.add_argument("--stop-after-steps", type=int, default=0,
                         help="stop (and save) here, with the learning-rate schedule of --steps")
-    parser.add_argument("--time-limit-s", type=float, default=3300.0, help="stop (and save) after this")
+    parser.add_argument("--time-limit-s", type=float, default=3300.0,
+                        help="stop (and save) after this; the cosine schedule ends here if it comes first")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering examples")
+    parser.add_argument("--aux-weight", type=float, default=0.0,
+                        help="weight of the auxiliary per-step time/visibility loss (middle layer, video tokens)")
+    parser.add_argument("--aux-until", type=float, default=1.0, help="fraction of the run with the aux loss")
+    parser.add_argument("--eval-every-s", type=float, default=0.0, help="evaluate by time instead of steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     summary = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     eval_every=args.eval_every, threads=args.threads,
                     single_event_fraction=args.single_event_fraction, stop_after_steps=args.stop_after_steps,
-                    time_limit_s=args.time_limit_s)
+                    time_limit_s=args.time_limit_s, device=args.device, workers=args.workers,
+                    aux_weight=args.aux_weight, aux_until=args.aux_until, eval_every_s=args.eval_every_s,
+                    command="python -m workers.train_grounder " + " ".join(sys.argv[1:] if argv is None else argv))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 

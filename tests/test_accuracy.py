@@ -1,0 +1,97 @@
+"""Accuracy end to end with the shipped tiny grounder (``moments/assets/grounder``).
+
+A video the grounder never saw (a length and native frame rate outside its training set,
+variable frame rate) goes through the whole service: upload, probe, sampling plan, decode, encode,
+prefill, generate, parse, gRPC. Every query must come back with IoU >= 0.5. The grounder can
+only know *when* from the temporal position ids (2 per second), so a wrong sampled fps, wrong
+frame times or wrong ``second_per_grid_ts`` anywhere on the path fails this test; the second test
+shows it by breaking ``second_per_grid_ts`` on purpose.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from moments.client import MomentsClient
+from moments.evaluate import sampling_bounds, temporal_iou
+from moments.records import duration_s
+from moments.synthetic import random_scene, write_scene
+from tests.stack import ThreadedStack, stack_settings
+
+GROUNDER = Path(__file__).resolve().parents[1] / "moments" / "assets" / "grounder"
+DURATION_S = 71.5  # training videos are whole seconds
+NATIVE_FPS = 20.0  # not one of the training rates
+MAX_NEW_TOKENS = 24
+SERVICE_MAX_FRAMES, SERVICE_BUDGET_TOKENS = 64, 512
+"""What the grounder was trained with (also the tests' stack_settings)."""
+
+pytestmark = pytest.mark.skipif(not (GROUNDER / "config.json").exists(),
+                                reason=f"the shipped grounder is absent ({GROUNDER}); "
+                                       "train it with python -m workers.train_grounder")
+
+
+@pytest.fixture(scope="module")
+def scene_video(tmp_path_factory):
+    scene = random_scene(random.Random(20240), DURATION_S, fps=NATIVE_FPS, vfr=True, max_events=3)
+    path = write_scene(tmp_path_factory.mktemp("acc") / "unseen.mp4", scene)
+    return scene, path
+
+
+def engine_answers(engine, path: Path, queries, *, break_spgt: bool = False):
+    from moments.probe import probe_file
+    from workers.decode import decode_all
+    from workers.sampling import SamplingOptions, plan_sampling
+
+    info = probe_file(path)
+    plan = plan_sampling(info.duration_s, info.native_fps, info.width, info.height,
+                         SamplingOptions(max_frames=SERVICE_MAX_FRAMES, budget_tokens=SERVICE_BUDGET_TOKENS,
+                                         **sampling_bounds(GROUNDER)))
+    tokens = engine.encode(decode_all(path, plan, info), plan)
+    if break_spgt:  # the classic bug: the temporal step of the position ids is off by 2x
+        tokens = replace(tokens, second_per_grid_ts=tokens.second_per_grid_ts * 2)
+    return engine.answer(tokens, queries, max_new_tokens=MAX_NEW_TOKENS, duration_s=info.duration_s)
+
+
+def test_unseen_video_through_grpc_every_query_iou_over_half(redis_server, scene_video, tmp_path, monkeypatch):
+    scene, path = scene_video
+    redis_server.client().flushall()
+    monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "uploads.json")
+    settings = stack_settings(redis_server.url, tmp_path / "data", GROUNDER, max_new_tokens=MAX_NEW_TOKENS,
+                              max_frames=SERVICE_MAX_FRAMES, budget_tokens=SERVICE_BUDGET_TOKENS)
+    queries = [e.query for e in scene.events]
+    with ThreadedStack(settings) as stack, MomentsClient(stack.target) as client:
+        video_id = client.upload(path).video.video_id
+        response = client.localize(video_id, queries, timeout_s=120)
+    # The grounder was trained on 56x84 frames: the service must plan with the checkpoint's bounds.
+    assert (response.stats.frame_width, response.stats.frame_height) == (84, 56), (
+        "the worker ignored moments_sampling.json of the checkpoint (frame "
+        f"{response.stats.frame_width}x{response.stats.frame_height}, trained at 84x56)")
+    for event, result in zip(scene.events, response.results):
+        assert result.segments, f"{event.query!r}: no segment in {result.raw_answer!r}"
+        seg = result.segments[0]
+        got = (duration_s(seg.start_offset), duration_s(seg.end_offset))
+        score = temporal_iou(got, (event.start_s, event.end_s))
+        assert score >= 0.5, f"{event.query!r}: {got} vs truth {(event.start_s, event.end_s)} (IoU {score:.2f})"
+
+
+def test_wrong_second_per_grid_ts_moves_the_answers(scene_video):
+    """Same video, engine in process: right ids give IoU >= 0.5; doubled temporal ids do not."""
+    from workers.engine import Engine
+
+    scene, path = scene_video
+    engine = Engine.load(str(GROUNDER), device="cpu")
+    truths = [(e.start_s, e.end_s) for e in scene.events]
+    queries = [e.query for e in scene.events]
+
+    def mean_iou(answers):
+        return sum(temporal_iou((a.segments[0].start_s, a.segments[0].end_s), t) if a.segments else 0.0
+                   for a, t in zip(answers, truths)) / len(truths)
+
+    right = mean_iou(engine_answers(engine, path, queries))
+    wrong = mean_iou(engine_answers(engine, path, queries, break_spgt=True))
+    assert right >= 0.5, right
+    assert wrong < right - 0.25, (right, wrong)
