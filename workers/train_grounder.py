@@ -317,10 +317,73 @@ def _prefetch(pool, total: int, *, chunk: int, ahead: int):
         yield from pending.popleft().get()
 
 
+def load_init(model, init: Path, cfg: dict) -> None:
+    """Copy an existing checkpoint's weights (same grounder config) into ``model`` (strict)."""
+    from safetensors.torch import load_file
+
+    init = Path(init)
+    init_cfg = json.loads((init / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "rope_scaling"):
+        if init_cfg.get(key) != cfg.get(key):
+            raise ValueError(f"--init {init}: config {key} {init_cfg.get(key)!r} != {cfg.get(key)!r}")
+    stored = load_file(str(init / "model.safetensors"))
+    own = model.state_dict()
+    by_legacy = {legacy_key(k): k for k in own}
+    state = {by_legacy.get(k, k): v for k, v in stored.items()}
+    missing = sorted(set(own) - set(state))
+    # lm_head may be tied to the embeddings and then absent from the file.
+    if missing == ["lm_head.weight"] and getattr(model.config, "tie_word_embeddings", False):
+        missing = []
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"--init {init}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    log.info("initialized from %s (%d tensors)", init, len(state))
+
+
+class ReusePool:
+    """Batches drawn partly from fresh renders and partly from a pool of already-rendered examples
+    kept in memory: each rendered example is used at most ``reuse`` times. A batch takes
+    ``ceil(batch_size / reuse)`` fresh examples and fills up from the pool (more fresh ones while
+    the pool is short), so the GPU needs ``reuse`` times fewer renders per step. Seeded: the draws
+    from the pool depend only on ``seed`` and the order of the stream."""
+
+    def __init__(self, stream, *, reuse: int, seed: int) -> None:
+        self.stream = stream
+        self.reuse = max(1, reuse)
+        self.rng = random.Random(seed * 7919 + 17)
+        self.items: list[list] = []  # [example, uses left]
+        self.fresh = 0
+        self.reused = 0
+
+    def batch(self, batch_size: int) -> list[dict]:
+        n_fresh = -(-batch_size // self.reuse)
+        n_pool = min(batch_size - n_fresh, len(self.items))
+        n_fresh = batch_size - n_pool
+        picked = self.rng.sample(range(len(self.items)), n_pool) if n_pool else []
+        out = []
+        for i in picked:
+            entry = self.items[i]
+            out.append(entry[0])
+            entry[1] -= 1
+        if picked:
+            self.items = [e for e in self.items if e[1] > 0]
+        for _ in range(n_fresh):
+            ex = next(self.stream)
+            out.append(ex)
+            if self.reuse > 1:
+                self.items.append([ex, self.reuse - 1])
+        self.fresh += n_fresh
+        self.reused += n_pool
+        return out
+
+
 def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, threads: int,
           single_event_fraction: float, stop_after_steps: int = 0, time_limit_s: float,
           device: str = "cpu", workers: int = 1, aux_weight: float = 0.0, aux_until: float = 1.0,
-          eval_every_s: float = 0.0, command: str = "") -> dict:
+          eval_every_s: float = 0.0, command: str = "", init: Path | None = None, reuse: int = 1,
+          eval_at_start: bool = False, data_seed: int | None = None) -> dict:
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -335,21 +398,26 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / SAMPLING_FILE).write_text(json.dumps({"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}) + "\n")
     patch_vision_attention()
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).to(dev).train()
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg))
+    if init is not None:
+        load_init(model, init, cfg)
+    model = model.to(dev).train()
     aux = AuxHeads(cfg["hidden_size"]).to(dev)
     tok = AutoTokenizer.from_pretrained(str(out))
     proc = VideoProcessing.from_model_dir(out)
     engine = Engine(model, tok, model_name="train", revision="train", device=dev,
                     dtype=torch.float32, processing=proc, fast_decode=False, compile=False, fused_prefill=False)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("training %.2fM parameters for %d steps of %d on %s, %d render workers, aux weight %.2f",
-             n_params / 1e6, steps, batch_size, dev, workers, aux_weight)
+    log.info("training %.2fM parameters for %d steps of %d on %s, %d render workers, aux weight %.2f, "
+             "reuse %d, init %s", n_params / 1e6, steps, batch_size, dev, workers, aux_weight, reuse, init)
 
-    examples = Examples(tok, seed, single_event_until=int(steps * batch_size * single_event_fraction))
+    data_seed = seed if data_seed is None else data_seed
+    examples = Examples(tok, data_seed, single_event_until=int(steps * batch_size * single_event_fraction))
     # Child processes render examples while this one trains (uint8 frames are cheap to pickle), a
     # bounded number of chunks ahead, in order.
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_set_examples, initargs=(examples,))
     stream = _prefetch(pool, steps * batch_size, chunk=8, ahead=4 * workers)
+    data = ReusePool(stream, reuse=reuse, seed=data_seed)
     eval_rng = random.Random(seed + 1)
     eval_scenes = [random_scene(eval_rng, d) for d in HELD_OUT_DURATIONS_S]
     opt = torch.optim.AdamW(list(model.parameters()) + list(aux.parameters()), lr=lr, weight_decay=0.01,
@@ -365,13 +433,21 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
         return lr * min(1.0, p / 0.03 + 0.01) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
     history = []
+    if eval_at_start:
+        model.eval()
+        with torch.no_grad():
+            miou0 = quick_eval(engine, eval_scenes)
+        model.train()
+        history.append({"step": 0, "loss_ema": None, "held_out_miou": round(miou0, 4), "elapsed_s": 0})
+        log.info("step 0 held-out mIoU %.3f", miou0)
+        started = time.monotonic()  # the schedule and time limit start after this evaluation
     ema = None
     waited = 0.0
     last_eval = started
     best = -1.0
     for step in range(1, steps + 1):
         t0 = time.monotonic()
-        batch = [next(stream) for _ in range(batch_size)]
+        batch = data.batch(batch_size)
         waited += time.monotonic() - t0
         w = aux_weight if progress(step) < aux_until else 0.0
         loss, answer, aux_loss = batch_loss(model, batch, proc, aux, w)
@@ -385,8 +461,9 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
         ema = a if ema is None else 0.95 * ema + 0.05 * a
         elapsed = time.monotonic() - started
         if step % 25 == 0:
-            log.info("step %d answer loss %.4f (ema %.4f) aux %.4f lr %.2e %.0f s (%.0f s waiting for data)",
-                     step, a, ema, aux_loss.item(), opt.param_groups[0]["lr"], elapsed, waited)
+            log.info("step %d answer loss %.4f (ema %.4f) aux %.4f lr %.2e %.0f s (%.0f s waiting for data, "
+                     "%d fresh / %d reused examples)", step, a, ema, aux_loss.item(), opt.param_groups[0]["lr"],
+                     elapsed, waited, data.fresh, data.reused)
         last = step == steps or step == stop_after_steps or elapsed > time_limit_s
         due = (step % eval_every == 0) if not eval_every_s else (time.monotonic() - last_eval > eval_every_s)
         if due or last:
@@ -413,6 +490,8 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
                "steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": n_params,
                "aux_weight": aux_weight, "aux_until": aux_until, "workers": workers,
                "train_s": round(time.monotonic() - started), "data_wait_s": round(waited), "best_quick_miou": best,
+               "init": str(init) if init is not None else None, "reuse": reuse, "data_seed": data_seed,
+               "fresh_examples": data.fresh, "reused_examples": data.reused,
                "history": history, "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -440,6 +519,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight of the auxiliary per-step time/visibility loss (middle layer, video tokens)")
     parser.add_argument("--aux-until", type=float, default=1.0, help="fraction of the run with the aux loss")
     parser.add_argument("--eval-every-s", type=float, default=0.0, help="evaluate by time instead of steps")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this checkpoint's weights (same grounder config) instead of random init")
+    parser.add_argument("--reuse", type=int, default=1,
+                        help="use each rendered example up to this many times (in-memory pool; 1: no reuse)")
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="seed of the training examples (default --seed; the quick-eval scenes follow --seed)")
+    parser.add_argument("--eval-at-start", action="store_true", help="quick-evaluate before the first step")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     summary = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -447,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
                     single_event_fraction=args.single_event_fraction, stop_after_steps=args.stop_after_steps,
                     time_limit_s=args.time_limit_s, device=args.device, workers=args.workers,
                     aux_weight=args.aux_weight, aux_until=args.aux_until, eval_every_s=args.eval_every_s,
+                    init=args.init, reuse=args.reuse, eval_at_start=args.eval_at_start, data_seed=args.data_seed,
                     command="python -m workers.train_grounder " + " ".join(sys.argv[1:] if argv is None else argv))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
