@@ -24,6 +24,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from workers.vision_attention import rms_norm as _rms_norm, rotate_half as _rotate_half
+
 log = logging.getLogger(__name__)
 
 
@@ -202,18 +204,6 @@ class FastDecoder:
 
 
 # --- prefix prefill: fused elementwise work between the matrix products ----------------------------
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # transformers' Qwen2_5_VLRMSNorm, operation for operation.
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
 
 def lm_pre_attention(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int):

@@ -178,14 +178,14 @@ def speed_up_vision_tower(model, multiple: int = 64) -> dict:
 
 # --- fused vision blocks (norm / rotary / SiLU-gate / residual between the matrix products) -----------
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # transformers' Qwen2_5_VLRMSNorm, operation for operation (fp32 statistics, cast back, scale).
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -194,12 +194,12 @@ def vision_pre_attention(x: torch.Tensor, norm_w: torch.Tensor, eps: float, qkv_
                          qkv_b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
     """norm1 -> qkv -> vision rotary (fp32, as ``apply_rotary_pos_emb_vision``): contiguous q, k, v [N, heads, d]."""
     n = x.shape[0]
-    qkv = F.linear(_rms_norm(x, norm_w, eps), qkv_w, qkv_b).view(n, 3, heads, -1)
+    qkv = F.linear(rms_norm(x, norm_w, eps), qkv_w, qkv_b).view(n, 3, heads, -1)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
     qf, kf = q.float(), k.float()
-    q = (qf * c + _rotate_half(qf) * s).to(x.dtype)
-    k = (kf * c + _rotate_half(kf) * s).to(x.dtype)
+    q = (qf * c + rotate_half(qf) * s).to(x.dtype)
+    k = (kf * c + rotate_half(kf) * s).to(x.dtype)
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
@@ -208,7 +208,7 @@ def vision_post_attention(x: torch.Tensor, attn: torch.Tensor, proj_w: torch.Ten
                           down_w: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
     """proj + residual, norm2, gate/up (one product) -> silu(gate) * up -> down, + residual."""
     x = x + F.linear(attn.reshape(x.shape[0], -1), proj_w, proj_b)
-    gu = F.linear(_rms_norm(x, norm_w, eps), gate_up_w, gate_up_b)
+    gu = F.linear(rms_norm(x, norm_w, eps), gate_up_w, gate_up_b)
     width = gu.shape[-1] // 2
     return x + F.linear(F.silu(gu[:, :width]) * gu[:, width:], down_w, down_b)
 
