@@ -20,37 +20,12 @@ from pathlib import Path
 import av
 import numpy as np
 
+from moments.synthetic import TIME_BASE, frame_times_s  # noqa: F401 - one VFR schedule for both
+
 GRID = 4  # cells per side; 16 bits
-TIME_BASE = Fraction(1, 90000)
 
 _CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".ts": "mpegts",
                ".avi": "avi", ".flv": "flv"}
-
-
-def frame_times_s(seconds: float, fps: float, *, vfr: bool = False, seed: int = 0) -> list[float]:
-    """Presentation times (from the first frame) of the frames :func:`make_video` writes.
-
-    Constant rate: ``i / fps``. Variable rate: alternating bursts at 2x and 1/2 the nominal rate
-    with random lengths, so the average is near ``fps`` but frame *i* is far from ``i / fps``.
-    Times are quantised to the 1/90000 s time base the files use.
-    """
-    times: list[float] = []
-    if not vfr:
-        n = max(1, int(round(seconds * fps)))
-        times = [i / fps for i in range(n)]
-    else:
-        rng = random.Random(seed)
-        t = 0.0
-        fast = True
-        while t < seconds:
-            step = 1.0 / (fps * 2.0) if fast else 2.0 / fps
-            for _ in range(rng.randint(3, 12)):
-                if t >= seconds:
-                    break
-                times.append(t)
-                t += step
-            fast = not fast
-    return [float(round(t / TIME_BASE) * TIME_BASE) for t in times]
 
 
 def index_at(times_s: list[float], t_s: float) -> int:
