@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
@@ -120,7 +121,7 @@ class MomentsClient:
         path = Path(path)
         sha256, size = file_digest(path)
         error: grpc.RpcError | None = None
-        for _ in range(max_attempts):
+        for attempt in range(max_attempts):
             upload_id = _load_state().get(sha256, "")
             offset = 0
             if upload_id:
@@ -149,6 +150,7 @@ class MomentsClient:
                 if exc.code() not in RETRYABLE:
                     raise
                 log.warning("upload interrupted (%s); resuming", exc.code().name)
+                time.sleep(min(0.2 * 2**attempt, 5.0))  # e.g. the server is still closing a cut stream
         assert error is not None
         raise error
 

@@ -33,19 +33,15 @@ def to_status(exc: BaseException) -> grpc.Status:
         code = code_pb2.NOT_FOUND
     elif isinstance(exc, errors.FailedPrecondition):
         code = code_pb2.FAILED_PRECONDITION
-        if exc.committed_bytes is not None:
-            details.append(
-                _any(
-                    error_details_pb2.ErrorInfo(
-                        reason="WRONG_OFFSET",
-                        domain="moments.v1",
-                        metadata={
-                            "committed_bytes": str(exc.committed_bytes),
-                            "upload_id": exc.upload_id,
-                        },
-                    )
-                )
-            )
+        if exc.committed_bytes is not None or exc.upload_id:
+            # WRONG_OFFSET: resume at committed_bytes. UPLOAD_BUSY: another stream holds the
+            # upload (e.g. the server is still closing a cut one); retry after a short wait.
+            metadata = {"upload_id": exc.upload_id}
+            if exc.committed_bytes is not None:
+                metadata["committed_bytes"] = str(exc.committed_bytes)
+            reason = "WRONG_OFFSET" if exc.committed_bytes is not None else "UPLOAD_BUSY"
+            details.append(_any(error_details_pb2.ErrorInfo(reason=reason, domain="moments.v1",
+                                                            metadata=metadata)))
     elif isinstance(exc, errors.ResourceExhausted):
         code = code_pb2.RESOURCE_EXHAUSTED
         delay = duration_pb2.Duration()
@@ -68,21 +64,3 @@ def to_status(exc: BaseException) -> grpc.Status:
         return rpc_status.to_status(status_pb2.Status(code=code, message="internal error"))
     message = exc.message if isinstance(exc, errors.MomentsError) else str(exc)
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
-
-
-def error_from_rpc(error: grpc.RpcError) -> errors.MomentsError | None:
-    """Client side: the domain error a status carries (None for codes without one)."""
-    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
-    code = error.code() if hasattr(error, "code") else None
-    message = error.details() if hasattr(error, "details") else str(error)
-    if code == grpc.StatusCode.FAILED_PRECONDITION and status is not None:
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Is(info.DESCRIPTOR):
-                detail.Unpack(info)
-                return errors.FailedPrecondition(
-                    message,
-                    committed_bytes=int(info.metadata.get("committed_bytes", "0")),
-                    upload_id=info.metadata.get("upload_id", ""),
-                )
-    return None

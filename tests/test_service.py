@@ -167,16 +167,24 @@ def test_upload_resumes_after_a_cut_stream(client, stack, tmp_path):
 
     with pytest.raises(grpc.RpcError):
         client.stub.UploadVideo(cut_after_two_chunks())
-    # Same header again, without the id: the server says where to continue.
-    with pytest.raises(grpc.RpcError) as err:
-        client.stub.UploadVideo(iter([
-            pb.UploadVideoRequest(header=pb.UploadHeader(size_bytes=len(data), sha256=sha)),
-            pb.UploadVideoRequest(chunk=pb.UploadChunk(offset=0, data=data[:1000])),
-        ]))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    info = next(d for d in rpc_status.from_call(err.value).details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR))
+    # Same header again, without the id: the server says where to continue (UPLOAD_BUSY while it
+    # is still closing the cut stream).
     details = error_details_pb2.ErrorInfo()
-    info.Unpack(details)
+    deadline = time.monotonic() + 10
+    while True:
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.UploadVideo(iter([
+                pb.UploadVideoRequest(header=pb.UploadHeader(size_bytes=len(data), sha256=sha)),
+                pb.UploadVideoRequest(chunk=pb.UploadChunk(offset=0, data=data[:1000])),
+            ]))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = next(d for d in rpc_status.from_call(err.value).details
+                    if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR))
+        info.Unpack(details)
+        if details.reason != "UPLOAD_BUSY" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert details.reason == "WRONG_OFFSET"
     assert int(details.metadata["committed_bytes"]) == 2 * step
     upload = client.stub.GetUpload(pb.GetUploadRequest(upload_id=details.metadata["upload_id"]))
     assert upload.committed_bytes == 2 * step and upload.size_bytes == len(data)

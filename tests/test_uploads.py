@@ -346,9 +346,9 @@ def upload_retrying(stub, data: bytes, tenant: str, barrier: threading.Barrier) 
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() > deadline:
                 raise
             info = detail(exc, error_details_pb2.ErrorInfo)
-            if info is not None:
+            if info is not None and info.reason == "WRONG_OFFSET":
                 offset = int(info.metadata["committed_bytes"])
-            else:  # another stream holds this upload
+            else:  # UPLOAD_BUSY: another stream holds this upload
                 time.sleep(0.05)
 
 
