@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate grounding on Charades-STA-style annotations")
     p.add_argument("annotations")
-    p.add_argument("--videos-dir", default=".")
+    p.add_argument("--videos-dir", default=None, help="where the videos are (default: beside ANNOTATIONS)")
     p.add_argument("--target", default=None, help="evaluate through this front end (default: engine)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--report", default="eval-report.json")

@@ -100,13 +100,20 @@ def ranked(segments: Sequence[tuple[float, float, float]]) -> tuple[tuple[float,
     return tuple(sorted(segments, key=lambda s: -s[2]))
 
 
-def resolve_video(videos_dir: str | Path, name: str) -> Path:
+def find_video(videos_dir: str | Path, name: str) -> Path | None:
     """The file for an annotation's video: the name as given, or with a common video suffix."""
     base = Path(videos_dir) / name
     for candidate in (Path(name), base, *(base.with_name(base.name + s) for s in VIDEO_SUFFIXES)):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no video file for {name!r} in {videos_dir}")
+    return None
+
+
+def resolve_video(videos_dir: str | Path, name: str) -> Path:
+    path = find_video(videos_dir, name)
+    if path is None:
+        raise FileNotFoundError(f"no video file for {name!r} in {videos_dir}")
+    return path
 
 
 def sampling_bounds(model_dir: str | Path) -> dict[str, int]:
@@ -212,6 +219,16 @@ def run_eval(args) -> int:
     annotations = load_annotations(args.annotations)
     if args.limit:
         annotations = annotations[: args.limit]
+    # Videos are looked up beside the annotation file unless --videos-dir says otherwise; all of them
+    # before any work, so a wrong folder fails at once with the names, not after an hour of answers.
+    videos_dir = Path(args.videos_dir) if args.videos_dir else Path(args.annotations).resolve().parent
+    missing = sorted({a.video for a in annotations if find_video(videos_dir, a.video) is None})
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        print(f"moments eval: {len(missing)} of {len({a.video for a in annotations})} videos not found in "
+              f"{videos_dir} (with or without {'/'.join(VIDEO_SUFFIXES)}): {shown}; pass --videos-dir",
+              file=sys.stderr)
+        return 2
     started = time.perf_counter()
     if args.target:
         runner = GrpcRunner(args.target, args.api_key, settings.max_queries, settings.job_timeout_s)
@@ -227,7 +244,7 @@ def run_eval(args) -> int:
         runner = EngineRunner(settings)
         model = settings.model
     try:
-        scores, rows = evaluate(annotations, runner, args.videos_dir)
+        scores, rows = evaluate(annotations, runner, videos_dir)
     finally:
         runner.close()
     report = {"annotations": str(args.annotations), "backend": runner.name, "target": args.target, "model": model,

@@ -78,7 +78,7 @@ def test_eval_command_runs_the_engine_on_real_files(tmp_path, tiny_model_dir, ca
     whatever they are, the report must be complete and consistent."""
     ann = write_annotation_set(tmp_path / "videos", [20.0, 24.5], seed=1)
     report = tmp_path / "report.json"
-    rc = cli_main(["eval", str(ann), "--videos-dir", str(ann.parent), "--report", str(report),
+    rc = cli_main(["eval", str(ann), "--report", str(report),  # videos beside the annotations: the default
                    "--model", str(tiny_model_dir), "--device", "cpu", "--max-frames", "16",
                    "--budget-tokens", "512", "--max-new-tokens", "12"])
     assert rc == 0
@@ -90,3 +90,16 @@ def test_eval_command_runs_the_engine_on_real_files(tmp_path, tiny_model_dir, ca
     for row in data["results"]:
         assert isinstance(row["raw_answer"], str) and 0.0 <= row["iou"] <= 1.0
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_eval_command_names_missing_videos_before_any_work(tmp_path, capsys):
+    """A wrong videos folder fails at once, with the missing names and exit status 2, no report."""
+    ann = write_annotation_set(tmp_path / "videos", [20.0, 24.5], seed=1)
+    (tmp_path / "elsewhere").mkdir()
+    report = tmp_path / "report.json"
+    rc = cli_main(["eval", str(ann), "--videos-dir", str(tmp_path / "elsewhere"), "--report", str(report),
+                   "--model", str(tmp_path / "no-such-model")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "2 of 2 videos not found" in err and "synth001_000_20s" in err and "--videos-dir" in err
+    assert not report.exists()
