@@ -164,14 +164,15 @@ def write_event_video(path: Path, events: Sequence[Event], *, seconds: float, fp
     return path
 
 
-def random_events(rng: random.Random, duration_s: float, *, max_events: int = 3,
+def random_events(rng: random.Random, duration_s: float, *, max_events: int = 3, min_events: int = 1,
                   min_fraction: float = 0.12, max_fraction: float = 0.45) -> tuple[Event, ...]:
-    """1..max_events events of different colours on different lanes, whole-second boundaries.
+    """min_events..max_events events of different colours on different lanes, whole-second boundaries.
 
     Each lasts ``min_fraction``..``max_fraction`` of the video (at least 2 s); they may overlap in
     time. Colours are distinct, so a query's colour alone names one event.
     """
-    n = rng.randint(1, min(max_events, len(COLORS), LANES))
+    most = min(max_events, len(COLORS), LANES)
+    n = rng.randint(min(min_events, most), most)
     colors = rng.sample(sorted(COLORS), n)
     lanes = rng.sample(range(LANES), n)
     events = []
