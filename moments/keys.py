@@ -74,6 +74,11 @@ def token_cache_lock(cache_key: str) -> str:
     return f"{PREFIX}:tok:{cache_key}:lock"
 
 
+def video_lock(video_id: str) -> str:
+    """String with expiry: held while a video's blob is placed with an owner, or deleted with its last one."""
+    return f"{PREFIX}:video:{video_id}:lock"
+
+
 def video_token_keys(video_id: str) -> str:
     """Set: the token-cache keys of one video, so DeleteVideo can drop them."""
     return f"{PREFIX}:tok:video:{video_id}"

@@ -31,12 +31,16 @@ class BlobStore:
             raise ValueError(f"not an upload id: {upload_id!r}")
         return self.upload_dir / f"{upload_id}.part"
 
-    def commit(self, part: Path, sha256: str) -> Path:
-        """Fsync ``part`` and rename it into place; if the blob already exists keep that one."""
-        target = self.path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def sync(part: Path) -> None:
+        """Flush a finished upload's bytes to disk (before :meth:`commit`, outside any lock)."""
         with open(part, "rb") as f:
             os.fsync(f.fileno())
+
+    def commit(self, part: Path, sha256: str) -> Path:
+        """Rename a synced ``part`` into place; if the blob already exists keep that one."""
+        target = self.path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             part.unlink(missing_ok=True)
             return target

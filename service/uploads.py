@@ -305,8 +305,10 @@ class Uploads:
         except errors.InvalidVideo:
             await self._discard(state)
             raise
-        await asyncio.to_thread(self.blobs.commit, part, state.sha256)
-        video = await self.catalog.add(state.tenant, info)
+        await asyncio.to_thread(self.blobs.sync, part)
+        async with self.catalog.exclusive(state.sha256):
+            await asyncio.to_thread(self.blobs.commit, part, state.sha256)
+            video = await self.catalog.add(state.tenant, info)
         await self.redis.delete(keys.upload(state.upload_id))
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
         log.info("upload %s stored video %s (%d bytes)", state.upload_id, state.sha256, state.size_bytes)

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import logging
+import secrets
 import time
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from moments import errors, keys
 from moments.records import VideoInfo
 from service.blobstore import SHA256_RE, BlobStore
 
+log = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+VIDEO_LOCK_TTL_S = 30
+VIDEO_LOCK_WAIT_S = 10.0
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 class VideoCatalog:
@@ -21,6 +34,25 @@ class VideoCatalog:
     def __init__(self, redis: aioredis.Redis, blobs: BlobStore) -> None:
         self.redis = redis
         self.blobs = blobs
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, video_id: str) -> AsyncIterator[None]:
+        """Hold the video's lock. An upload places the blob and adds its owner under it, and the
+        last owner's delete removes record and blob under it, so a delete can never take the blob
+        from under another tenant's upload of the same bytes that was just told it is stored."""
+        lock, token = keys.video_lock(video_id), secrets.token_hex(16)
+        deadline = time.monotonic() + VIDEO_LOCK_WAIT_S
+        while not await self.redis.set(lock, token, nx=True, ex=VIDEO_LOCK_TTL_S):
+            if time.monotonic() > deadline:
+                raise errors.Unavailable(f"video {video_id} is being stored or deleted; retry")
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            try:
+                await self.redis.eval(_RELEASE, 1, lock, token)
+            except RedisError:  # it expires by itself; keep the call's own outcome
+                log.warning("could not release the lock of video %s", video_id)
 
     async def add(self, tenant: str, info: VideoInfo) -> VideoInfo:
         now = time.time()
@@ -65,14 +97,17 @@ class VideoCatalog:
     async def remove(self, tenant: str, video_id: str) -> bool:
         """Drop the tenant's ownership; True when no owner remains (blob and record deleted)."""
         await self.get_owned(tenant, video_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(keys.tenant_videos(tenant), video_id)
-            pipe.srem(keys.video_owners(video_id), tenant)
-            pipe.scard(keys.video_owners(video_id))
-            *_, remaining = await pipe.execute()
-        if remaining:
-            return False
-        await self.redis.delete(keys.video(video_id), keys.video_owners(video_id))
-        await self.redis.zrem(keys.VIDEO_INDEX, video_id)
-        self.blobs.delete(video_id)
+        async with self.exclusive(video_id):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(keys.tenant_videos(tenant), video_id)
+                pipe.srem(keys.video_owners(video_id), tenant)
+                pipe.scard(keys.video_owners(video_id))
+                *_, remaining = await pipe.execute()
+            if remaining:
+                return False
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.video(video_id), keys.video_owners(video_id))
+                pipe.zrem(keys.VIDEO_INDEX, video_id)
+                await pipe.execute()
+            await asyncio.to_thread(self.blobs.delete, video_id)
         return True

@@ -82,3 +82,52 @@ def test_rate_quota_gives_resource_exhausted_with_retry_info(front):
         assert "RESOURCE_EXHAUSTED" in codes and codes[0] == "OK"
         details = rpc_status.from_call(last).details
         assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
+
+
+def test_last_owners_delete_cannot_take_the_blob_from_anothers_upload(front, tmp_path, monkeypatch):
+    """Alice, the last owner, deletes a video while Bob uploads the same bytes. Whatever the
+    interleaving, Bob's upload must end with his video stored: here the delete is held just before it
+    unlinks the blob, the moment a finished upload of the same bytes would otherwise be lost."""
+    import threading
+
+    from service import uploads
+    from service.blobstore import BlobStore
+
+    monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "state.json")
+    video = write_event_video(tmp_path / "race.mp4", [Event("blue", "circle", 1, 3)], seconds=4, fps=4)
+    deleting, go, probed = threading.Event(), threading.Event(), threading.Event()
+    unlink, probe = BlobStore.delete, uploads.probe_file_async
+
+    def held_delete(self, sha256):
+        deleting.set()
+        go.wait(10)
+        unlink(self, sha256)
+
+    async def signalling_probe(*args, **kwargs):
+        info = await probe(*args, **kwargs)
+        probed.set()
+        return info
+
+    monkeypatch.setattr(BlobStore, "delete", held_delete)
+    monkeypatch.setattr(uploads, "probe_file_async", signalling_probe)
+    with MomentsClient(front.target, api_key=KEYS["alice"]) as alice, \
+            MomentsClient(front.target, api_key=KEYS["bob"]) as bob:
+        video_id = alice.upload(video).video.video_id
+        probed.clear()
+        delete = threading.Thread(target=alice.delete_video, args=(video_id,))
+        delete.start()
+        assert deleting.wait(10)
+        outcome = {}
+        upload = threading.Thread(target=lambda: outcome.update(bob=bob.upload(video)))
+        upload.start()
+        assert probed.wait(15)
+        upload.join(1.0)  # without the video lock Bob's upload finishes here, before the unlink
+        go.set()
+        delete.join(15)
+        upload.join(15)
+        assert outcome["bob"].video.video_id == video_id
+        assert bob.get_video(video_id).video_id == video_id
+        assert [p for p in front.settings.blob_dir.rglob(video_id) if p.is_file()], "Bob's blob was deleted"
+        with pytest.raises(grpc.RpcError) as err:
+            alice.get_video(video_id)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
