@@ -5,7 +5,9 @@ index block), cached under ``--dir``, plans them with the default ``SamplingOpti
 the plan with each backend in its own subprocess (so peak RSS is per backend):
 
 * ``pyav`` / ``decord`` / ``auto``: ``workers.decode.decode_all`` (frames by timestamp, resized in
-  FFmpeg).
+  FFmpeg), one decoder.
+* ``pyav-parallel``: the same frames, 32-frame chunks decoded by one PyAV decoder per core (at most
+  8), as the worker does with ``decode_threads`` 0.
 * ``qwen-vl-utils``: a replica of ``fetch_video``'s decord path: ``VideoReader`` at full
   resolution, ``linspace(0, total - 1, nframes).round()`` indices, one ``get_batch`` at full
   resolution, then a bicubic antialiased resize with torch. (qwen-vl-utils itself cannot be
@@ -35,7 +37,10 @@ if str(ROOT) not in sys.path:
 
 FPS = 25
 GOP_FRAMES = 50
-BACKENDS = ("pyav", "decord", "auto", "qwen-vl-utils")
+BACKENDS = ("pyav", "pyav-parallel", "decord", "auto", "qwen-vl-utils")
+PARALLEL_CHUNK_FRAMES = 32
+"""``pyav-parallel``: the worker's setting (``decode_threads`` 0: one decoder per core, at most 8,
+each on its own 32-frame chunk)."""
 
 
 def video_path(directory: Path, minutes: float, height: int, source: str = "index") -> Path:
@@ -113,7 +118,7 @@ def child(backend: str, path: str) -> dict:
 
     from moments.probe import probe_file
     from tests.media import frame_times_s, index_at, read_index
-    from workers.decode import decode_all
+    from workers.decode import decode_all, default_threads
     from workers.sampling import SamplingOptions, plan_sampling
 
     info = probe_file(path)
@@ -122,6 +127,9 @@ def child(backend: str, path: str) -> dict:
     started = time.monotonic()
     if backend == "qwen-vl-utils":
         frames = _qwen_replica(path, plan.frames, plan.height, plan.width)
+    elif backend == "pyav-parallel":
+        frames = decode_all(path, plan, info, backend="pyav", chunk_frames=PARALLEL_CHUNK_FRAMES,
+                            threads=default_threads())
     else:
         frames = decode_all(path, plan, info, backend=backend)
     wall_s = time.monotonic() - started

@@ -460,8 +460,8 @@ def generation_micro(b: Bench, engine, ctx: int, label: str, eager_tokens: int, 
 
 def e2e_engine(b: Bench, engine, video: Path, label: str, redis_url: str | None, max_new: int) -> None:
     from moments.probe import probe_file
-    from workers.decode import decode_frames
-    from workers.pipeline import concat_visual_tokens, _sub_plan
+    from workers.decode import decode_frames, default_threads
+    from workers.pipeline import DECODE_CHUNK_FRAMES, concat_visual_tokens, _sub_plan
     from workers.sampling import SamplingOptions, plan_sampling
 
     counts = count_tokens(engine)
@@ -471,7 +471,11 @@ def e2e_engine(b: Bench, engine, video: Path, label: str, redis_url: str | None,
         info = probe_file(video)
         plan = plan_sampling(info.duration_s, info.native_fps, info.width, info.height, SamplingOptions())
         st["probe_plan_s"] = time.perf_counter() - t
-        frames_iter = decode_frames(video, plan, info, backend="auto", chunk_frames=32)
+        # As the worker does: parallel chunk decoders (decode_threads 0), which also decode ahead
+        # while this thread encodes, so "decode_s" is only the time spent waiting for frames.
+        st["decode_threads"] = default_threads()
+        frames_iter = decode_frames(video, plan, info, backend="auto", chunk_frames=DECODE_CHUNK_FRAMES,
+                                    threads=st["decode_threads"])
         parts, done, dec, enc = [], 0, 0.0, 0.0
         while True:
             t = time.perf_counter()

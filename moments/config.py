@@ -59,6 +59,7 @@ class Settings:
     max_frames: int = _setting(768, "Most sampled frames per video")
     max_new_tokens: int = _setting(64, "Most generated tokens per answer")
     decode_backend: str = _setting("auto", "auto, pyav or decord")
+    decode_threads: int = _setting(0, "Chunks of one video decoded in parallel (0 = one per core, at most 8)")
     token_cache_ttl_s: int = _setting(7 * 24 * 3600, "TTL of cached visual tokens in Redis")
     token_cache_chunk_bytes: int = _setting(8 * 1024**2, "Chunk size of cached visual tokens")
     kv_cache_bytes: int = _setting(4 * 1024**3, "Worker memory for hot KV prefixes (0 = off)")

@@ -154,3 +154,44 @@ def test_decord_refuses_hevc_and_auto_uses_pyav(videos):
     with pytest.raises(decode_mod.UnsupportedByBackend):
         decode_all(path, plan, info, backend="decord")
     _check(decode_all(path, plan, info, backend="auto"), plan, times)
+
+
+@pytest.mark.parametrize("name", ["vfr.mp4", "start_vfr.mp4", "long_gop.mp4", "rot270_vfr.mp4", "hevc.mkv"])
+def test_parallel_chunks_give_the_same_frames(videos, name):
+    """Chunks decoded by several threads, each from its own container and its own first seek, are
+    exactly the frames one decoder gives, in order, with progress after each chunk."""
+    path, info, times = videos[name]
+    plan = plan_sampling(info.duration_s, info.native_fps, info.width, info.height, SamplingOptions(**SMALL))
+    seen: list[int] = []
+    chunks = list(decode_frames(path, plan, info, backend="auto", chunk_frames=4, threads=3,
+                                progress=lambda done, total: seen.append(done)))
+    assert all(len(c) == 4 for c in chunks[:-1]) and len(chunks) == -(-plan.frames // 4)
+    assert seen == [min(4 * (i + 1), plan.frames) for i in range(len(chunks))]
+    frames = np.concatenate(chunks)
+    _check(frames, plan, times)
+    assert np.array_equal(frames, decode_all(path, plan, info, backend="pyav", chunk_frames=4))
+
+
+def test_parallel_decode_falls_back_per_chunk_and_stops_early(videos, monkeypatch):
+    """A chunk the first backend fails on is decoded by the next; a consumer that stops early
+    leaves no decoder thread behind."""
+    import threading
+
+    path, info, times = videos["vfr.mp4"]
+    plan = plan_sampling(info.duration_s, info.native_fps, info.width, info.height, SamplingOptions(**SMALL))
+    first = decode_mod.AUTO_ORDER[0]
+    real = decode_mod._BACKEND_FNS[first]
+
+    def fails_on_the_third_chunk(path, targets_s, plan_, info_, chunk):
+        if abs(targets_s[0] - plan.frame_times_s[8]) < 1e-9:
+            raise RuntimeError("decoder died")
+        yield from real(path, targets_s, plan_, info_, chunk)
+
+    monkeypatch.setitem(decode_mod._BACKEND_FNS, first, fails_on_the_third_chunk)
+    _check(decode_all(path, plan, info, backend="auto", chunk_frames=4, threads=2), plan, times)
+    with pytest.raises(RuntimeError, match="decoder died"):
+        decode_all(path, plan, info, backend=first, chunk_frames=4, threads=2)
+    stream = decode_frames(path, plan, info, backend="auto", chunk_frames=4, threads=2)
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -50,17 +51,30 @@ _EPS_S = 1e-6
 ProgressFn = Callable[[int, int], None]
 
 
+_PARALLEL = threading.local()
+"""``codec_threads`` of the calling parallel-decode thread: FFmpeg's own threads per decoder, so
+that parallel decoders share the cores instead of each starting one thread per core (and each
+holding that many frames in flight)."""
+
+
+def default_threads() -> int:
+    """Parallel chunk decoders when the settings say 0: one per core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 class UnsupportedByBackend(RuntimeError):
     """This backend cannot decode this file correctly; ``auto`` moves on quietly."""
 
 
 def decode_frames(path: str | os.PathLike, plan: SamplingPlan, info: VideoInfo, *,
                   backend: str = "auto", chunk_frames: int = 64,
-                  progress: ProgressFn | None = None) -> Iterator[np.ndarray]:
+                  progress: ProgressFn | None = None, threads: int = 1) -> Iterator[np.ndarray]:
     """Yield uint8 RGB chunks [n, plan.height, plan.width, 3] of the plan's frames, in order.
 
     ``n`` is even (whole 2-frame groups) and at most ``chunk_frames`` (rounded down to even).
-    ``progress(done_frames, total_frames)`` is called after each chunk.
+    ``progress(done_frames, total_frames)`` is called after each chunk. With ``threads`` > 1,
+    chunks are decoded in parallel, each from its own container, at most ``threads`` ahead of the
+    consumer (FFmpeg decodes without the GIL); the frames are the same.
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown decode backend {backend!r}; use auto, {', '.join(BACKENDS)}")
@@ -69,6 +83,11 @@ def decode_frames(path: str | os.PathLike, plan: SamplingPlan, info: VideoInfo, 
     total = len(targets_s)
     order = AUTO_ORDER if backend == "auto" else (backend,)
     started = time.monotonic()
+    if threads > 1 and total > chunk:
+        yield from _decode_parallel(path, targets_s, plan, info, order, chunk, threads, progress)
+        log.debug("decoded %d frames of %s in %.2f s (%d threads)", total, path, time.monotonic() - started,
+                  threads)
+        return
     buf = np.empty((chunk, plan.height, plan.width, 3), np.uint8)
     filled = done = 0
     for attempt, name in enumerate(order):
@@ -98,14 +117,63 @@ def decode_frames(path: str | os.PathLike, plan: SamplingPlan, info: VideoInfo, 
     log.debug("decoded %d frames of %s in %.2f s", total, path, time.monotonic() - started)
 
 
+def _decode_parallel(path: str | os.PathLike, targets_s: Sequence[float], plan: SamplingPlan, info: VideoInfo,
+                     order: Sequence[str], chunk: int, threads: int,
+                     progress: ProgressFn | None) -> Iterator[np.ndarray]:
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = iter(range(0, len(targets_s), chunk))
+    codec_threads = max(1, (os.cpu_count() or 1) // threads)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    pending: deque = deque()
+    done = 0
+    try:
+        for start in starts:
+            pending.append(pool.submit(_decode_chunk, path, targets_s[start:start + chunk], plan, info, order,
+                                       codec_threads))
+            if len(pending) >= threads:
+                break
+        while pending:
+            frames = pending.popleft().result()
+            start = next(starts, None)
+            if start is not None:
+                pending.append(pool.submit(_decode_chunk, path, targets_s[start:start + chunk], plan, info, order,
+                                       codec_threads))
+            done += len(frames)
+            yield frames
+            if progress is not None:
+                progress(done, len(targets_s))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_chunk(path: str | os.PathLike, targets_s: Sequence[float], plan: SamplingPlan, info: VideoInfo,
+                  order: Sequence[str], codec_threads: int) -> np.ndarray:
+    """One chunk's frames from its own container, by the first backend of ``order`` that decodes them."""
+    _PARALLEL.codec_threads = codec_threads
+    for attempt, name in enumerate(order):
+        try:
+            frames = list(_BACKEND_FNS[name](path, targets_s, plan, info, len(targets_s)))
+            if len(frames) != len(targets_s):
+                raise RuntimeError(f"decoded {len(frames)} of {len(targets_s)} frames of {path}")
+            return np.stack(frames)
+        except Exception as exc:  # noqa: BLE001 - any backend failure falls through to the next
+            if attempt + 1 >= len(order):
+                raise
+            (log.debug if isinstance(exc, UnsupportedByBackend) else log.warning)(
+                "decode backend %s failed on %s (%s); trying %s", name, path, exc, order[attempt + 1])
+    raise AssertionError("unreachable")
+
+
 def decode_all(path: str | os.PathLike, plan: SamplingPlan, info: VideoInfo, *,
                backend: str = "auto", chunk_frames: int = 64,
-               progress: ProgressFn | None = None) -> np.ndarray:
+               progress: ProgressFn | None = None, threads: int = 1) -> np.ndarray:
     """All of the plan's frames as one array [plan.frames, plan.height, plan.width, 3]."""
     out = np.empty((plan.frames, plan.height, plan.width, 3), np.uint8)
     at = 0
     for part in decode_frames(path, plan, info, backend=backend, chunk_frames=chunk_frames,
-                              progress=progress):
+                              progress=progress, threads=threads):
         out[at:at + len(part)] = part
         at += len(part)
     return out
@@ -136,6 +204,7 @@ def _pyav_frames(path: str | os.PathLike, targets_s: Sequence[float], plan: Samp
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = getattr(_PARALLEL, "codec_threads", 0)  # 0: FFmpeg's choice
         for other in container.streams:
             if other.index != stream.index:
                 other.discard = av.stream.Discard.all

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from moments import keys
 from moments.config import Settings
 from moments.records import Job, JobStats, QueryResult, VideoInfo
-from workers.decode import decode_frames
+from workers.decode import decode_frames, default_threads
 import torch
 
 from workers.engine import Engine, VisualTokens
@@ -150,7 +150,7 @@ class Pipeline:
         """Decode and encode chunk by chunk: frames are never all in memory at once."""
         frames_iter = decode_frames(
             job.blob_path, plan, info, backend=self.settings.decode_backend,
-            chunk_frames=DECODE_CHUNK_FRAMES,
+            chunk_frames=DECODE_CHUNK_FRAMES, threads=self.settings.decode_threads or default_threads(),
         )
         parts: list[VisualTokens] = []
         done = 0
