@@ -27,6 +27,7 @@ COLORS = {
     "yellow": (235, 220, 40),
 }
 SHAPES = ("square", "circle", "triangle")
+KINDS = ("appear", "move")
 LANES = 3
 """Horizontal bands an object can move along; events of one scene use different lanes."""
 NATIVE_FPS = (8.0, 10.0, 12.5, 15.0, 24.0, 25.0, 29.97, 30.0)
@@ -35,8 +36,10 @@ TIME_BASE = Fraction(1, 90000)
 
 @dataclass(frozen=True)
 class Event:
-    """``shape`` of ``color`` is visible from ``start_s`` to ``end_s``, moving left to right.
+    """Something ``shape`` of ``color`` does from ``start_s`` to ``end_s``.
 
+    ``kind`` "appear": it is visible only then, drifting right. "move": it is on screen for the
+    whole video, still except then, when it slides left (from 70% to 30% of the width).
     ``lane`` (0..LANES-1) picks a horizontal band; None is the middle one.
     """
 
@@ -45,10 +48,20 @@ class Event:
     start_s: float
     end_s: float
     lane: int | None = None
+    kind: str = "appear"
 
     @property
     def query(self) -> str:
+        if self.kind == "move":
+            return f"the {self.color} {self.shape} moves left"
         return f"the {self.color} {self.shape} appears"
+
+    def on_screen(self, t: float) -> bool:
+        return self.kind == "move" or self.start_s <= t < self.end_s
+
+    def active(self, t: float) -> bool:
+        """The event is happening at ``t`` (shown, or moving)."""
+        return self.start_s <= t < self.end_s
 
 
 @dataclass(frozen=True)
@@ -83,8 +96,8 @@ def _draw(frame: np.ndarray, event: Event, t: float) -> None:
     h, w, _ = frame.shape
     lane = (LANES - 1) // 2 if event.lane is None else event.lane  # None: the middle band
     size, cy = h // (LANES + 1), int(h * (lane + 1) / (LANES + 1))
-    progress = (t - event.start_s) / max(event.end_s - event.start_s, 1e-6)
-    cx = int(w * 0.3 + (w * 0.4) * progress)
+    progress = min(1.0, max(0.0, (t - event.start_s) / max(event.end_s - event.start_s, 1e-6)))
+    cx = int(w * 0.7 - (w * 0.4) * progress) if event.kind == "move" else int(w * 0.3 + (w * 0.4) * progress)
     half = size // 2
     y0, y1, x0, x1 = max(0, cy - half), min(h, cy + half + 1), max(0, cx - half), min(w, cx + half + 1)
     y, x = np.ogrid[y0:y1, x0:x1]
@@ -101,7 +114,7 @@ def render_frame(width: int, height: int, t: float, events: Sequence[Event]) -> 
     """RGB uint8 frame [height, width, 3] at time ``t`` (seconds from the first frame)."""
     frame = _background(width, height, t)
     for event in events:
-        if event.start_s <= t < event.end_s:
+        if event.on_screen(t):
             _draw(frame, event, t)
     return frame
 
@@ -165,11 +178,13 @@ def write_event_video(path: Path, events: Sequence[Event], *, seconds: float, fp
 
 
 def random_events(rng: random.Random, duration_s: float, *, max_events: int = 3, min_events: int = 1,
-                  min_fraction: float = 0.12, max_fraction: float = 0.45) -> tuple[Event, ...]:
+                  min_fraction: float = 0.12, max_fraction: float = 0.45,
+                  move_fraction: float = 0.0) -> tuple[Event, ...]:
     """min_events..max_events events of different colours on different lanes, whole-second boundaries.
 
     Each lasts ``min_fraction``..``max_fraction`` of the video (at least 2 s); they may overlap in
-    time. Colours are distinct, so a query's colour alone names one event.
+    time. Colours are distinct, so a query's colour alone names one event. Each event is a "move"
+    with probability ``move_fraction``, else an "appear" (at 0 the draws are those of older versions).
     """
     most = min(max_events, len(COLORS), LANES)
     n = rng.randint(min(min_events, most), most)
@@ -180,7 +195,9 @@ def random_events(rng: random.Random, duration_s: float, *, max_events: int = 3,
         length = max(2.0, round(duration_s * rng.uniform(min_fraction, max_fraction)))
         length = min(length, math.floor(duration_s) - 1)
         start = float(rng.randint(0, max(0, int(math.floor(duration_s - length)) - 1)))
-        events.append(Event(color, rng.choice(SHAPES), start, start + length, lane))
+        shape = rng.choice(SHAPES)
+        kind = "move" if move_fraction > 0 and rng.random() < move_fraction else "appear"
+        events.append(Event(color, shape, start, start + length, lane, kind))
     return tuple(events)
 
 
@@ -203,7 +220,7 @@ def write_scene(path: Path, scene: Scene, **kwargs) -> Path:
 
 def write_annotation_set(out_dir: Path, durations_s: Sequence[float], *, seed: int = 0,
                          fps_choices: Sequence[float] = NATIVE_FPS, json_form: bool = False,
-                         **video_kwargs) -> Path:
+                         move_fraction: float = 0.0, **video_kwargs) -> Path:
     """Write one video per duration and an annotation file; returns the annotation file.
 
     Charades-STA form (default), ``<video> <start> <end>##<query>`` per line, video names without
@@ -215,7 +232,7 @@ def write_annotation_set(out_dir: Path, durations_s: Sequence[float], *, seed: i
     rng = random.Random(seed)
     rows, scenes = [], []
     for i, duration in enumerate(durations_s):
-        scene = random_scene(rng, duration, fps=rng.choice(list(fps_choices)))
+        scene = random_scene(rng, duration, fps=rng.choice(list(fps_choices)), move_fraction=move_fraction)
         name = f"synth{seed:03d}_{i:03d}_{duration:g}s"
         write_scene(out_dir / f"{name}.mp4", scene, **video_kwargs)
         scenes.append({"video": name, **scene.to_dict()})
@@ -239,9 +256,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma list of video lengths in seconds (20 to 1200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="JSON annotations instead of Charades-STA lines")
+    parser.add_argument("--move-fraction", type=float, default=0.0,
+                        help="share of events where an object on screen slides left (else it appears)")
     args = parser.parse_args(argv)
     durations = [float(d) for d in args.durations.split(",") if d]
-    print(write_annotation_set(args.out_dir, durations, seed=args.seed, json_form=args.json))
+    print(write_annotation_set(args.out_dir, durations, seed=args.seed, json_form=args.json,
+                               move_fraction=args.move_fraction))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""``moments eval``: metric arithmetic, both annotation forms, and a real run with the engine."""
+"""``moments eval``: metric arithmetic, both annotation forms, a real run with the engine, and the
+synthetic events it is measured on."""
 
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 
 from moments.cli import main as cli_main
@@ -16,7 +19,7 @@ from moments.evaluate import (
     resolve_video,
     temporal_iou,
 )
-from moments.synthetic import write_annotation_set
+from moments.synthetic import random_scene, write_annotation_set
 
 
 def test_temporal_iou_hand_cases():
@@ -103,3 +106,26 @@ def test_eval_command_names_missing_videos_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 of 2 videos not found" in err and "synth001_000_20s" in err and "--videos-dir" in err
     assert not report.exists()
+
+
+def test_move_events_slide_left_during_their_interval():
+    """A "moves left" object is on screen throughout: still before its interval, sliding left during
+    it, still (further left) after it. An "appears" object is on screen only in its interval."""
+    from moments.synthetic import Event, render_frame
+
+    move, appear = Event("blue", "circle", 10.0, 20.0, lane=0, kind="move"), Event("red", "square", 5.0, 8.0, lane=2)
+    assert move.query == "the blue circle moves left" and appear.query == "the red square appears"
+
+    def centre_x(t, color):
+        f = render_frame(224, 168, t, [move, appear]).astype(int)
+        want = {"blue": (40, 80, 230), "red": (220, 30, 30)}[color]
+        mask = (np.abs(f - want).sum(-1) < 30)
+        return float(np.nonzero(mask)[1].mean()) if mask.any() else None
+
+    xs = [centre_x(t, "blue") for t in (0.0, 9.9, 12.5, 15.0, 17.5, 20.0, 30.0)]
+    assert xs[0] == xs[1] and xs[-2] == xs[-1] and xs[1] > xs[2] > xs[3] > xs[4] > xs[5]
+    assert centre_x(4.9, "red") is None and centre_x(6.0, "red") is not None and centre_x(8.0, "red") is None
+    rng_scenes = [random_scene(random.Random(s), 60.0, move_fraction=0.5) for s in range(20)]
+    kinds = {e.kind for sc in rng_scenes for e in sc.events}
+    assert kinds == {"appear", "move"}
+    assert {e.kind for s in range(20) for e in random_scene(random.Random(s), 60.0).events} == {"appear"}

@@ -8,19 +8,20 @@ at that time, then scaled by swscale like the decoder), the engine's patchify an
 ids, the :mod:`workers.prompt` text, and the answer :func:`workers.answer_parser.format_segment`
 writes. The loss is on the answer tokens, plus two training-only auxiliary losses at the middle
 layer: per video step, its time and the colours on screen (early in the run), and a binding loss
-that scores each video step against the token that predicts the answer (is the *asked* event on
-screen here?). Every training video shows 2-3 events and every one of them is asked about, so the
-model must read the query to answer. The model can only learn absolute times from the temporal
-position ids (2 per second), so a wrong fps or ``second_per_grid_ts`` at inference moves every answer.
+that scores each video step against the token that predicts the answer (is the *asked* event
+happening here?). Every training video shows 2-3 events ("appears", or an object on screen that
+"moves left" during its interval) and every one of them is asked about, so the model must read the
+query to answer. The model can only learn absolute times from the temporal position ids (2 per
+second), so a wrong fps or ``second_per_grid_ts`` at inference moves every answer.
 
 CLI: the shipped checkpoint came from random init in one run on one H100 (14 render processes,
-time-limited to 515 s; the defaults are that recipe)::
+time-limited to 510 s; the defaults are that recipe)::
 
-    python -m workers.train_grounder OUT --device cuda --workers 14 --time-limit-s 515 \
+    python -m workers.train_grounder OUT --device cuda --workers 14 --time-limit-s 510 \
         --eval-every-s 115 --eval-at-start --steps 100000
 
 It runs on a CPU too, but a step of 64 takes ~12 s on a 2-core machine: an hour gives ~300 steps,
-and the H100 run was at quick held-out mIoU 0.43 after 454 steps and 0.93 after 1374.
+and the H100 run was at quick held-out mIoU 0.46 after 441 steps and 0.93 after 1830.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class Examples:
     whichever process renders it."""
 
     def __init__(self, tokenizer, seed: int, single_event_until: int = 0, min_events: int = 1,
-                 max_duration_s: float = TRAIN_DURATION_S[1]) -> None:
+                 max_duration_s: float = TRAIN_DURATION_S[1], move_fraction: float = 0.0) -> None:
         self.tok = tokenizer
         self.seed = seed
         self.single_event_until = single_event_until
@@ -137,6 +138,7 @@ class Examples:
         self.video_token_id = tokenizer.convert_tokens_to_ids(prompt.VIDEO_PAD)
         self.min_events = min_events
         self.max_duration_s = max_duration_s
+        self.move_fraction = move_fraction
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
@@ -145,7 +147,7 @@ class Examples:
         rng = random.Random(self.seed * 1_000_003 + i)
         single = i < self.single_event_until
         scene = random_scene(rng, training_duration(rng, self.max_duration_s), max_events=1 if single else 3,
-                             min_events=1 if single else self.min_events)
+                             min_events=1 if single else self.min_events, move_fraction=self.move_fraction)
         plan = plan_for(scene, sampling_options(rng.choice(TRAIN_MAX_FRAMES)))
         event = rng.choice(scene.events)
         prefix = self.ids(prompt.video_prefix_text(plan.visual_tokens))
@@ -174,7 +176,7 @@ AUX_COLORS = sorted(COLORS)
 
 def aux_targets(scene: Scene, plan: SamplingPlan) -> dict:
     """Per temporal grid step (2 frames): its time in seconds as the M-RoPE ids say it (id / 2, from
-    the first sampled frame), and which colours are visible in it. Auxiliary
+    the first sampled frame), and which colours have an event happening in it. Auxiliary
     training targets read from the LM's middle layer at the video tokens, so that the decoder learns
     early to turn temporal rotary ids into a time value and to see the objects."""
     times = frame_times_s(scene.duration_s, scene.fps, vfr=scene.vfr, seed=scene.seed)
@@ -185,16 +187,17 @@ def aux_targets(scene: Scene, plan: SamplingPlan) -> dict:
     for k in range(gt):
         for t in shown[2 * k:2 * k + 2]:
             for e in scene.events:
-                if e.start_s <= t < e.end_s:
+                if e.active(t):
                     vis[k, AUX_COLORS.index(e.color)] = 1.0
     return {"step_s": np.asarray(step_s, np.float32), "visible": vis}
 
 
 def step_visibility(scene: Scene, plan: SamplingPlan, event) -> np.ndarray:
-    """Per temporal grid step (2 frames): 1.0 where ``event`` is on screen in either frame."""
+    """Per temporal grid step (2 frames): 1.0 where ``event`` happens (an "appear" object is on
+    screen, a "move" object is moving) in either frame."""
     times = frame_times_s(scene.duration_s, scene.fps, vfr=scene.vfr, seed=scene.seed)
     shown = [shown_time_s(times, t) for t in plan.frame_times_s]
-    return np.asarray([float(any(event.start_s <= t < event.end_s for t in shown[2 * k:2 * k + 2]))
+    return np.asarray([float(any(event.active(t) for t in shown[2 * k:2 * k + 2]))
                        for k in range(plan.frames // 2)], np.float32)
 
 
@@ -505,7 +508,7 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
           device: str = "cpu", workers: int = 1, aux_weight: float = 0.0, aux_until: float = 1.0,
           eval_every_s: float = 0.0, command: str = "", init: Path | None = None, reuse: int = 1,
           eval_at_start: bool = False, data_seed: int | None = None, bind_weight: float = 0.0,
-          min_events: int = 1, max_duration_s: float = TRAIN_DURATION_S[1]) -> dict:
+          min_events: int = 1, max_duration_s: float = TRAIN_DURATION_S[1], move_fraction: float = 0.0) -> dict:
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -536,7 +539,7 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
 
     data_seed = seed if data_seed is None else data_seed
     examples = Examples(tok, data_seed, single_event_until=int(steps * batch_size * single_event_fraction),
-                        min_events=min_events, max_duration_s=max_duration_s)
+                        min_events=min_events, max_duration_s=max_duration_s, move_fraction=move_fraction)
     # Child processes render examples while this one trains (uint8 frames are cheap to pickle), a
     # bounded number of chunks ahead, in order.
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_set_examples, initargs=(examples,))
@@ -544,6 +547,9 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
     data = ReusePool(stream, reuse=reuse, seed=data_seed)
     eval_rng = random.Random(seed + 1)
     eval_scenes = [random_scene(eval_rng, d) for d in HELD_OUT_DURATIONS_S]
+    if move_fraction > 0:  # the same lengths again with "moves left" events among the queries
+        move_rng = random.Random(seed + 2)
+        eval_scenes += [random_scene(move_rng, d, min_events=2, move_fraction=0.5) for d in HELD_OUT_DURATIONS_S]
     opt = torch.optim.AdamW(list(model.parameters()) + list(aux.parameters()) + list(bind.parameters()),
                             lr=lr, weight_decay=0.01,
                             betas=(0.9, 0.98))
@@ -617,7 +623,8 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
                "train_s": round(time.monotonic() - started), "data_wait_s": round(waited), "best_quick_miou": best,
                "init": str(init) if init is not None else None, "reuse": reuse, "data_seed": data_seed,
                "fresh_examples": data.fresh, "reused_examples": data.reused, "bind_weight": bind_weight,
-               "min_events": min_events, "max_duration_s": max_duration_s, "steps_per_s": round(step / max(1e-9, time.monotonic() - started), 2),
+               "min_events": min_events, "max_duration_s": max_duration_s, "move_fraction": move_fraction,
+               "steps_per_s": round(step / max(1e-9, time.monotonic() - started), 2),
                "history": history, "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -656,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight of the auxiliary query-to-video binding loss (middle layer)")
     parser.add_argument("--max-duration-s", type=float, default=TRAIN_DURATION_S[1],
                         help="longest training video (lengths are log-uniform from 20 s)")
+    parser.add_argument("--move-fraction", type=float, default=0.3,
+                        help="share of events where an object on screen slides left (else it appears)")
     parser.add_argument("--min-events", type=int, default=2,
                         help="fewest events per training video (more events: more practice telling them apart)")
     args = parser.parse_args(argv)
@@ -667,6 +676,7 @@ def main(argv: list[str] | None = None) -> None:
                     aux_weight=args.aux_weight, aux_until=args.aux_until, eval_every_s=args.eval_every_s,
                     init=args.init, reuse=args.reuse, eval_at_start=args.eval_at_start, data_seed=args.data_seed,
                     bind_weight=args.bind_weight, min_events=args.min_events, max_duration_s=args.max_duration_s,
+                    move_fraction=args.move_fraction,
                     command="python -m workers.train_grounder " + " ".join(sys.argv[1:] if argv is None else argv))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
