@@ -19,7 +19,7 @@ import pytest
 from moments.client import MomentsClient
 from moments.evaluate import sampling_bounds, temporal_iou
 from moments.records import duration_s
-from moments.synthetic import random_scene, write_scene
+from moments.synthetic import Event, random_scene, write_event_video, write_scene
 from tests.stack import ThreadedStack, stack_settings
 
 GROUNDER = Path(__file__).resolve().parents[1] / "moments" / "assets" / "grounder"
@@ -56,13 +56,13 @@ def engine_answers(engine, path: Path, queries, *, break_spgt: bool = False):
     return engine.answer(tokens, queries, max_new_tokens=MAX_NEW_TOKENS, duration_s=info.duration_s)
 
 
-def test_unseen_video_through_grpc_every_query_iou_over_half(redis_server, scene_video, tmp_path, monkeypatch):
-    scene, path = scene_video
+def assert_grpc_answers_overlap(redis_server, tmp_path, monkeypatch, path: Path, events) -> None:
+    """Upload ``path`` and ask about every event through gRPC: each answer must have IoU >= 0.5."""
     redis_server.client().flushall()
     monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "uploads.json")
     settings = stack_settings(redis_server.url, tmp_path / "data", GROUNDER, max_new_tokens=MAX_NEW_TOKENS,
                               max_frames=SERVICE_MAX_FRAMES, budget_tokens=SERVICE_BUDGET_TOKENS)
-    queries = [e.query for e in scene.events]
+    queries = [e.query for e in events]
     with ThreadedStack(settings) as stack, MomentsClient(stack.target) as client:
         video_id = client.upload(path).video.video_id
         response = client.localize(video_id, queries, timeout_s=120)
@@ -70,12 +70,27 @@ def test_unseen_video_through_grpc_every_query_iou_over_half(redis_server, scene
     assert (response.stats.frame_width, response.stats.frame_height) == (84, 56), (
         "the worker ignored moments_sampling.json of the checkpoint (frame "
         f"{response.stats.frame_width}x{response.stats.frame_height}, trained at 84x56)")
-    for event, result in zip(scene.events, response.results):
+    for event, result in zip(events, response.results):
         assert result.segments, f"{event.query!r}: no segment in {result.raw_answer!r}"
         seg = result.segments[0]
         got = (duration_s(seg.start_offset), duration_s(seg.end_offset))
         score = temporal_iou(got, (event.start_s, event.end_s))
         assert score >= 0.5, f"{event.query!r}: {got} vs truth {(event.start_s, event.end_s)} (IoU {score:.2f})"
+
+
+def test_unseen_video_through_grpc_every_query_iou_over_half(redis_server, scene_video, tmp_path, monkeypatch):
+    scene, path = scene_video
+    assert_grpc_answers_overlap(redis_server, tmp_path, monkeypatch, path, scene.events)
+
+
+def test_moving_objects_through_grpc_every_query_iou_over_half(redis_server, tmp_path, monkeypatch):
+    """Objects on screen the whole time that slide left during their interval ("moves left"),
+    beside one that appears: the answer must come from the motion, not from visibility."""
+    events = [Event("yellow", "triangle", 12.0, 40.0, lane=1, kind="move"),
+              Event("blue", "square", 30.0, 61.0, lane=0),
+              Event("red", "circle", 5.0, 22.0, lane=2, kind="move")]
+    path = write_event_video(tmp_path / "moves.mp4", events, seconds=DURATION_S, fps=NATIVE_FPS, vfr=True, seed=5)
+    assert_grpc_answers_overlap(redis_server, tmp_path, monkeypatch, path, events)
 
 
 def test_wrong_second_per_grid_ts_moves_the_answers(scene_video):
