@@ -52,7 +52,7 @@ def test_examples_are_reproducible_and_follow_the_options(grounder):
         assert ex["asked_visible"].shape == (len(scene.events), plan.frames // 2)
         for (ids, n), vis in zip(ex["rows"], ex["asked_visible"]):
             asked = next(e for e in scene.events if tok.decode(ids).count(e.query))
-            assert vis.any() and np.array_equal(vis, tg.step_visibility(scene, plan, asked))
+            assert vis.any() and np.array_equal(vis, tg.step_visibility(asked, tg.shown_times_s(scene, plan)))
 
 
 def test_one_grid_for_the_batch_equals_one_grid_per_example(grounder):

@@ -165,40 +165,39 @@ class Examples:
         grid = (plan.frames // 2, plan.height // PATCH, plan.width // PATCH)
         positions = [mrope_positions(r, self.video_token_id, grid, plan.second_per_grid_ts, TOKENS_PER_SECOND,
                                      MERGE)[0].numpy().astype(np.int32) for r, _ in rows]
-        targets = aux_targets(scene, plan)
-        targets["asked_visible"] = np.stack([step_visibility(scene, plan, e) for e in asked])
-        return {"scene": scene, "plan": plan, "frames": scene_frames(scene, plan), "grid": grid,
-                "ids": ids, "n_answer": len(answer), "rows": rows, "positions": positions, **targets}
+        shown = shown_times_s(scene, plan)
+        return {"scene": scene, "plan": plan, "frames": scene_frames(scene, plan), "grid": grid, "rows": rows,
+                "positions": positions, "asked_visible": np.stack([step_visibility(e, shown) for e in asked]),
+                **aux_targets(scene, plan, shown)}
 
 
 AUX_COLORS = sorted(COLORS)
 
 
-def aux_targets(scene: Scene, plan: SamplingPlan) -> dict:
+def shown_times_s(scene: Scene, plan: SamplingPlan) -> list[float]:
+    """For each of the plan's frames, the time of the video frame a player shows then."""
+    times = frame_times_s(scene.duration_s, scene.fps, vfr=scene.vfr, seed=scene.seed)
+    return [shown_time_s(times, t) for t in plan.frame_times_s]
+
+
+def aux_targets(scene: Scene, plan: SamplingPlan, shown: list[float]) -> dict:
     """Per temporal grid step (2 frames): its time in seconds as the M-RoPE ids say it (id / 2, from
     the first sampled frame), and which colours have an event happening in it. Auxiliary
     training targets read from the LM's middle layer at the video tokens, so that the decoder learns
     early to turn temporal rotary ids into a time value and to see the objects."""
-    times = frame_times_s(scene.duration_s, scene.fps, vfr=scene.vfr, seed=scene.seed)
-    shown = [shown_time_s(times, t) for t in plan.frame_times_s]
     gt = plan.frames // 2
     step_s = [int(k * 2 * plan.second_per_grid_ts) / 2.0 for k in range(gt)]
     vis = np.zeros((gt, len(AUX_COLORS)), np.float32)
-    for k in range(gt):
-        for t in shown[2 * k:2 * k + 2]:
-            for e in scene.events:
-                if e.active(t):
-                    vis[k, AUX_COLORS.index(e.color)] = 1.0
+    for e in scene.events:  # colours are distinct within a scene
+        vis[:, AUX_COLORS.index(e.color)] = step_visibility(e, shown)
     return {"step_s": np.asarray(step_s, np.float32), "visible": vis}
 
 
-def step_visibility(scene: Scene, plan: SamplingPlan, event) -> np.ndarray:
-    """Per temporal grid step (2 frames): 1.0 where ``event`` happens (an "appear" object is on
-    screen, a "move" object is moving) in either frame."""
-    times = frame_times_s(scene.duration_s, scene.fps, vfr=scene.vfr, seed=scene.seed)
-    shown = [shown_time_s(times, t) for t in plan.frame_times_s]
-    return np.asarray([float(any(event.active(t) for t in shown[2 * k:2 * k + 2]))
-                       for k in range(plan.frames // 2)], np.float32)
+def step_visibility(event, shown: list[float]) -> np.ndarray:
+    """Per temporal grid step (2 frames, shown at ``shown`` times): 1.0 where ``event`` happens (an
+    "appear" object is on screen, a "move" object is moving) in either frame."""
+    return np.asarray([float(event.active(shown[k]) or event.active(shown[k + 1]))
+                       for k in range(0, len(shown), 2)], np.float32)
 
 
 def _batched_vision_attention(original):
@@ -300,13 +299,8 @@ def batch_loss(model, batch: list[dict], proc: VideoProcessing, aux: AuxHeads | 
     feats = video_features(model, batch, proc, dev)
     embed = model.get_input_embeddings()
     # One LM row per query: every event of a video is asked about (the video is encoded once).
-    rows = [(e, k) for e, ex in enumerate(batch) for k in range(len(ex.get("rows", [None])))]
-
-    def row(e: int, k: int) -> tuple[list[int], int]:
-        ex = batch[e]
-        return ex["rows"][k] if "rows" in ex else (ex["ids"], ex["n_answer"])
-
-    B, L = len(rows), max(len(row(e, k)[0]) for e, k in rows)
+    rows = [(e, k) for e, ex in enumerate(batch) for k in range(len(ex["rows"]))]
+    B, L = len(rows), max(len(batch[e]["rows"][k][0]) for e, k in rows)
     ids = np.zeros((B, L), np.int64)
     pos = np.zeros((3, B, L), np.int64)
     att = np.zeros((B, L), np.int64)
@@ -314,16 +308,10 @@ def batch_loss(model, batch: list[dict], proc: VideoProcessing, aux: AuxHeads | 
     last_prompt = np.zeros(B, np.int64)
     for b, (e, k) in enumerate(rows):
         ex = batch[e]
-        row_ids, n = row(e, k)
+        row_ids, n = ex["rows"][k]
         n_ids = len(row_ids)
         ids[b, :n_ids] = row_ids
-        if "positions" in ex:
-            pos[:, b, :n_ids] = ex["positions"][k]
-        else:
-            pos[:, b, :n_ids] = mrope_positions(row_ids, cfg.video_token_id, ex["grid"] if "grid" in ex else
-                                                _grid(ex), ex["plan"].second_per_grid_ts,
-                                                cfg.vision_config.tokens_per_second,
-                                                cfg.vision_config.spatial_merge_size)[0].numpy()
+        pos[:, b, :n_ids] = ex["positions"][k]
         att[b, :n_ids] = 1
         targets[b, n_ids - n - 1:n_ids - 1] = ids[b, n_ids - n:n_ids]
         last_prompt[b] = n_ids - n - 1
@@ -356,11 +344,6 @@ def batch_loss(model, batch: list[dict], proc: VideoProcessing, aux: AuxHeads | 
     if want_bind:
         aux_loss = aux_loss + bind_weight * bind_loss(bind, middle, mask[..., 0], rows, batch, feats, last_prompt, dev)
     return answer + aux_loss, answer, aux_loss
-
-
-def _grid(ex: dict) -> tuple[int, int, int]:
-    plan = ex["plan"]
-    return plan.frames // 2, plan.height // PATCH, plan.width // PATCH
 
 
 def bind_loss(bind: BindHead, middle: torch.Tensor, video_mask: torch.Tensor, rows, batch, feats,
