@@ -128,18 +128,19 @@ def _decode_parallel(path: str | os.PathLike, targets_s: Sequence[float], plan: 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
     pending: deque = deque()
     done = 0
-    try:
-        for start in starts:
+
+    def submit_next() -> None:
+        start = next(starts, None)
+        if start is not None:
             pending.append(pool.submit(_decode_chunk, path, targets_s[start:start + chunk], plan, info, order,
                                        codec_threads))
-            if len(pending) >= threads:
-                break
+
+    try:
+        for _ in range(threads):
+            submit_next()
         while pending:
             frames = pending.popleft().result()
-            start = next(starts, None)
-            if start is not None:
-                pending.append(pool.submit(_decode_chunk, path, targets_s[start:start + chunk], plan, info, order,
-                                       codec_threads))
+            submit_next()
             done += len(frames)
             yield frames
             if progress is not None:
