@@ -22,7 +22,7 @@ from moments.probe import probe_file_async
 from moments.records import VideoInfo
 from service import metrics
 from service.blobstore import SHA256_RE, BlobStore
-from service.videos import VideoCatalog
+from service.videos import RELEASE_LOCK, VideoCatalog
 
 log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 1024 * 1024
@@ -37,10 +37,6 @@ if v == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end
 if v or redis.call('exists', KEYS[2]) == 0 then return 0 end
 redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
-"""
-_RELEASE_LOCK = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
 """
 
 
@@ -193,7 +189,7 @@ class Uploads:
             yield token
         finally:
             try:
-                await self.redis.eval(_RELEASE_LOCK, 1, lock, token)
+                await self.redis.eval(RELEASE_LOCK, 1, lock, token)
             except RedisError:  # the lock expires by itself; keep the stream's own outcome
                 log.warning("could not release the writer lock of upload %s", upload_id)
 

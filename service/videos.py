@@ -22,10 +22,11 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 VIDEO_LOCK_TTL_S = 30
 VIDEO_LOCK_WAIT_S = 10.0
-_RELEASE = """
+RELEASE_LOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+"""KEYS: a lock. ARGV: our token. Deletes the lock only while we still hold it."""
 
 
 class VideoCatalog:
@@ -50,7 +51,7 @@ class VideoCatalog:
             yield
         finally:
             try:
-                await self.redis.eval(_RELEASE, 1, lock, token)
+                await self.redis.eval(RELEASE_LOCK, 1, lock, token)
             except RedisError:  # it expires by itself; keep the call's own outcome
                 log.warning("could not release the lock of video %s", video_id)
 
