@@ -4,7 +4,7 @@ Makes synthetic H.264 videos (25 fps, 2 s GOP, ultrafast preset, scrolling textu
 index block), cached under ``--dir``, plans them with the default ``SamplingOptions`` and decodes
 the plan with each backend in its own subprocess (so peak RSS is per backend):
 
-* ``pyav`` / ``decord`` / ``auto``: ``workers.decode.decode_all`` (frames by timestamp, resized in
+* ``pyav`` / ``decord`` / ``auto``: ``moments.media.decode.decode_all`` (frames by timestamp, resized in
   FFmpeg), one decoder.
 * ``pyav-parallel``: the same frames, 32-frame chunks decoded by one PyAV decoder per core (at most
   8), as the worker does with ``decode_threads`` 0.
@@ -116,10 +116,10 @@ def child(backend: str, path: str) -> dict:
     """Run one backend in this (fresh) process; report wall time, peak RSS and frame accuracy."""
     import numpy as np
 
-    from moments.probe import probe_file
+    from moments.media.probe import probe_file
     from tests.media import frame_times_s, index_at, read_index
-    from workers.decode import decode_all, default_threads
-    from workers.sampling import SamplingOptions, plan_sampling
+    from moments.media.decode import decode_all, default_threads
+    from moments.media.sampling import SamplingOptions, plan_sampling
 
     info = probe_file(path)
     plan = plan_sampling(info.duration_s, info.native_fps, info.width, info.height,

@@ -125,7 +125,7 @@ def build_7b_awq(out: Path, device: torch.device) -> dict:
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from workers import tiny_model as tm
+    from moments.tools import tiny_model as tm
 
     out.mkdir(parents=True, exist_ok=True)
     tok = tm.build_tokenizer(0)
@@ -238,7 +238,7 @@ def decode_bytes(cfg, ctx: int) -> float:
 
 def synthetic_tokens(engine, n_tokens: int, seed: int = 0):
     """VisualTokens of about ``n_tokens`` (grid t x 32 x 32 patches, 1 s per grid step)."""
-    from workers.engine import VisualTokens
+    from moments.workers.model.engine import VisualTokens
 
     side = 32 if n_tokens >= 256 else 4
     t = max(1, n_tokens // (side * side // 4))
@@ -263,7 +263,7 @@ def count_tokens(engine):
 
 def qwen_card_video(path: str, video_fps: float, total_frames: int):
     """qwen-vl-utils 0.0.14 ``fetch_video`` (decord) at its defaults: frames, size, fps."""
-    from workers.sampling import smart_resize
+    from moments.media.sampling import smart_resize
 
     fps, min_frames, max_frames_cap = 2.0, 4, 768
     min_pixels, max_pixels_cap, total_pixels = 128 * 28 * 28, 768 * 28 * 28, int(128000 * 28 * 28 * 0.9)
@@ -305,8 +305,8 @@ def measure_rates(b: Bench) -> None:
 
 
 def vision_micro(b: Bench, engine, frames_n: int, h: int, w: int) -> None:
-    from workers import vision_attention as va
-    from workers.sampling import SamplingPlan
+    from moments.workers.model.kernels import vision_attention as va
+    from moments.media.sampling import SamplingPlan
 
     plan = SamplingPlan(fps=2.0, frame_times_s=tuple(i / 2 for i in range(frames_n)), height=h, width=w,
                         grid_t=frames_n // 2, grid_h=h // 14, grid_w=w // 14,
@@ -436,7 +436,7 @@ def prefill_parts(b: Bench, engine, n: int) -> None:
 
 
 def generation_micro(b: Bench, engine, ctx: int, label: str, eager_tokens: int, fast_tokens: int) -> None:
-    from workers.fast_decode import FastDecoder  # noqa: F401
+    from moments.workers.model.kernels.decode_graphs import FastDecoder  # noqa: F401
 
     tokens = synthetic_tokens(engine, ctx, seed=1)
     prefix = engine.prefill(tokens)
@@ -447,8 +447,8 @@ def generation_micro(b: Bench, engine, ctx: int, label: str, eager_tokens: int, 
             continue
         engine.fast_decode = mode == "fast"
         with b.stage(f"generate_{label}_{mode}", context=prefix.length, floor_ms=floor * 1e3) as rec:
-            engine.answer(tokens, [QUESTIONS[0]], max_new_tokens=n, prefix=prefix)  # warm-up / graph capture
-            a = engine.answer(tokens, [QUESTIONS[1]], max_new_tokens=n, prefix=prefix)[0]
+            engine.generate(tokens, [QUESTIONS[0]], max_new_tokens=n, prefix=prefix)  # warm-up / graph capture
+            a = engine.generate(tokens, [QUESTIONS[1]], max_new_tokens=n, prefix=prefix)[0]
             steps = max(1, counts[-1] - 1)
             rec["ms_per_token"] = a.stage_ms["generate"] / steps
             rec["tokens"] = counts[-1]
@@ -459,10 +459,10 @@ def generation_micro(b: Bench, engine, ctx: int, label: str, eager_tokens: int, 
 
 
 def e2e_engine(b: Bench, engine, video: Path, label: str, redis_url: str | None, max_new: int) -> None:
-    from moments.probe import probe_file
-    from workers.decode import decode_frames, default_threads
-    from workers.pipeline import DECODE_CHUNK_FRAMES, concat_visual_tokens, _sub_plan
-    from workers.sampling import SamplingOptions, plan_sampling
+    from moments.media.probe import probe_file
+    from moments.media.decode import decode_frames, default_threads
+    from moments.workers.pipeline import DECODE_CHUNK_FRAMES, concat_visual_tokens, _sub_plan
+    from moments.media.sampling import SamplingOptions, plan_sampling
 
     counts = count_tokens(engine)
     st: dict = {}
@@ -500,7 +500,7 @@ def e2e_engine(b: Bench, engine, video: Path, label: str, redis_url: str | None,
         b.sync()
         st["prefill_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        a = engine.answer(tokens, [QUESTIONS[0]], max_new_tokens=max_new, prefix=prefix)[0]
+        a = engine.generate(tokens, [QUESTIONS[0]], max_new_tokens=max_new, prefix=prefix)[0]
         st["answer_s"] = time.perf_counter() - t
         st["generate_ms_per_token"] = a.stage_ms["generate"] / max(1, counts[-1] - 1)
         st["total_s"] = sum(st[k] for k in ("probe_plan_s", "decode_s", "encode_s", "token_cache_put_s",
@@ -515,7 +515,7 @@ def e2e_engine(b: Bench, engine, video: Path, label: str, redis_url: str | None,
         b.sync()
         rec["prefill_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        engine.answer(cached, [QUESTIONS[1]], max_new_tokens=max_new, prefix=prefix2)
+        engine.generate(cached, [QUESTIONS[1]], max_new_tokens=max_new, prefix=prefix2)
         rec["answer_s"] = time.perf_counter() - t
         rec["total_s"] = rec["token_cache_get_s"] + rec["prefill_s"] + rec["answer_s"]
         del prefix2
@@ -523,7 +523,7 @@ def e2e_engine(b: Bench, engine, video: Path, label: str, redis_url: str | None,
         times = []
         for q in QUESTIONS[1:]:
             t = time.perf_counter()
-            engine.answer(tokens, [q], max_new_tokens=max_new, prefix=prefix)
+            engine.generate(tokens, [q], max_new_tokens=max_new, prefix=prefix)
             times.append(time.perf_counter() - t)
         rec["p50_s"] = float(np.median(times))
         rec["all_s"] = times
@@ -535,7 +535,7 @@ def e2e_engine(b: Bench, engine, video: Path, label: str, redis_url: str | None,
 async def _cache_put(url, key, tokens):
     import redis.asyncio as aioredis
 
-    from workers.token_cache import TokenCache
+    from moments.workers.token_cache import TokenCache
 
     r = aioredis.from_url(url)
     try:
@@ -547,7 +547,7 @@ async def _cache_put(url, key, tokens):
 async def _cache_get(url, key):
     import redis.asyncio as aioredis
 
-    from workers.token_cache import TokenCache
+    from moments.workers.token_cache import TokenCache
 
     r = aioredis.from_url(url)
     try:
@@ -562,9 +562,9 @@ def e2e_card(b: Bench, engine, video: Path, label: str, max_new: int) -> None:
     ``engine`` is an unmodified model (``Engine.load(optimize=False)``): transformers' vision tower
     and decoder exactly as loaded; the engine object only supplies the tokenizer and processor values.
     """
-    from moments.probe import probe_file
-    from workers import prompt
-    from workers.engine import pixel_values_videos
+    from moments.media.probe import probe_file
+    from moments.workers.model import prompt
+    from moments.workers.model.engine import pixel_values_videos
 
     with b.stage(f"card_{label}") as rec:
         info = probe_file(video)
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = work / ("tiny-awq" if args.tiny else "qwen2_5_vl_7b_awq_random")
         with b.stage("build_checkpoint") as rec:
             if args.tiny:
-                from workers.tiny_model import build_tiny_model
+                from moments.tools.tiny_model import build_tiny_model
 
                 build_tiny_model(model_dir, awq=True)
             else:
@@ -688,20 +688,20 @@ def main(argv: list[str] | None = None) -> int:
             rec["disk_gib"] = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30
         if b.cuda:
             torch.cuda.empty_cache()
-        from workers.engine import Engine
+        from moments.workers.model.engine import Engine
 
         with b.stage("load") as rec:
             engine = Engine.load(str(model_dir))
             rec["vision_attention"] = engine.vision_attention
             rec["fast_decode"] = engine.fast_decode
-            from workers.awq import native_awq_available
+            from moments.workers.model.awq import native_awq_available
 
             rec["awq"] = "native (gptqmodel)" if native_awq_available() else "dequantized to fp16 at load"
             if b.cuda:
                 rec["resident_gib"] = torch.cuda.memory_allocated() / 2**30
         vision_frames = 8 if args.tiny else 768
         if args.tiny and not b.cuda:  # exercise the fused code paths (eager) on the CPU too
-            from workers import vision_attention as va
+            from moments.workers.model.kernels import vision_attention as va
 
             va.install(engine.model, "sdpa_mask")
             engine.vision_attention = "sdpa_mask"

@@ -45,7 +45,7 @@ COLORS = ("red", "green", "blue", "yellow")
 
 
 def stack_settings(data_dir: Path, model_dir: Path, max_queue_jobs: int):
-    from moments.config import Settings
+    from moments.core.config import Settings
 
     return Settings.from_env(
         environ={}, redis_url="", data_dir=str(data_dir), listen="127.0.0.1:0", model=str(model_dir),
@@ -59,7 +59,7 @@ async def serve_child(args: argparse.Namespace) -> None:
     """Run a Stack; print its target and process ids as one JSON line; stop on SIGTERM."""
     import logging
 
-    from moments.serve import Stack
+    from moments.app.serve import Stack
 
     logging.basicConfig(level=logging.WARNING)
     settings = stack_settings(Path(args.data), Path(args.model), args.max_queue_jobs)
@@ -122,7 +122,7 @@ async def one_client(target: str, base: bytes, video_ids: list[str], deadline: f
                      upload_share: float, timeout_s: float, tally: Tally, rng: random.Random) -> None:
     import grpc
 
-    from moments.client import AsyncMomentsClient
+    from moments.app.client import AsyncMomentsClient
 
     async with AsyncMomentsClient(target) as client:
         while time.monotonic() < deadline:
@@ -142,7 +142,7 @@ async def one_client(target: str, base: bytes, video_ids: list[str], deadline: f
 
 
 async def warm_up(target: str, videos: list[bytes]) -> list[str]:
-    from moments.client import AsyncMomentsClient
+    from moments.app.client import AsyncMomentsClient
 
     async with AsyncMomentsClient(target) as client:
         ids = [(await client.upload_bytes(v, timeout_s=120)).video.video_id for v in videos]
@@ -223,7 +223,7 @@ def table(results: list[dict]) -> str:
 
 
 def make_videos(directory: Path) -> tuple[bytes, list[bytes]]:
-    from moments.synthetic import Event, write_event_video
+    from moments.tools.synthetic import Event, write_event_video
 
     directory.mkdir(parents=True, exist_ok=True)
     asked = [write_event_video(directory / f"{c}.mp4", [Event(c, "circle", 2.0, 5.0)], seconds=8, fps=8)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="moments-load-"))
     model = Path(args.model) if args.model else work / "tiny-model"
     if not (model / "config.json").exists():
-        from workers.tiny_model import build_tiny_model
+        from moments.tools.tiny_model import build_tiny_model
 
         build_tiny_model(model, awq=False, seed=0)
     base, videos = make_videos(work / "videos")

@@ -30,16 +30,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moments.config import Settings  # noqa: E402
-from moments.probe import probe_file  # noqa: E402
-from moments.records import Job, SamplingRequest  # noqa: E402
-from moments.redis_server import PrivateRedis  # noqa: E402
-from moments.synthetic import Event, write_event_video  # noqa: E402
-from workers.engine import Engine, VisualTokens  # noqa: E402
-from workers.job_loop import JobContext  # noqa: E402
-from workers.kv_cache import KVPrefixCache  # noqa: E402
-from workers.pipeline import Pipeline  # noqa: E402
-from workers.token_cache import TokenCache  # noqa: E402
+from moments.core.config import Settings  # noqa: E402
+from moments.media.probe import probe_file  # noqa: E402
+from moments.core.blobs import LocalBlobStore  # noqa: E402
+from moments.core.records import Job, SamplingRequest  # noqa: E402
+from moments.app.redis_server import PrivateRedis  # noqa: E402
+from moments.tools.synthetic import Event, write_event_video  # noqa: E402
+from moments.workers.model.engine import Engine, VisualTokens  # noqa: E402
+from moments.workers.job_loop import JobContext  # noqa: E402
+from moments.workers.kv_cache import KVPrefixCache  # noqa: E402
+from moments.workers.pipeline import Pipeline  # noqa: E402
+from moments.workers.token_cache import TokenCache  # noqa: E402
 
 
 def machine() -> str:
@@ -61,7 +62,7 @@ async def measure(args) -> dict:
         if args.model:
             model_dir = args.model
         else:
-            from workers.tiny_model import build_tiny_model
+            from moments.tools.tiny_model import build_tiny_model
 
             model_dir = str(build_tiny_model(workdir / "tiny"))
         engine = Engine.load(model_dir, device=args.device)
@@ -73,9 +74,12 @@ async def measure(args) -> dict:
         client = aioredis.Redis.from_url(url)
         cache = TokenCache(client, ttl_s=3600, chunk_bytes=8 << 20)
         kv = KVPrefixCache(8 << 30)
-        pipeline = Pipeline(settings, engine, cache, kv, owner="bench")
-        job = Job(kind="localize", video_id=video_id, blob_path=str(video), queries=("the red circle appears",),
+        blobs = LocalBlobStore(workdir / "blobs", workdir / "uploads")
+        blobs.commit(video, video_id)
+        pipeline = Pipeline(settings, engine, cache, kv, blobs, owner="bench")
+        job = Job(kind="localize", video_id=video_id, queries=("the red circle appears",),
                   sampling=SamplingRequest())
+        work = pipeline.prepare(job, info)
         times: dict[str, list[float]] = {"cold": [], "tokens": [], "kv": []}
         stats_seen = {}
         for way in ("cold", "tokens", "kv"):
@@ -86,7 +90,7 @@ async def measure(args) -> dict:
                     kv._entries.clear()
                     kv.used_bytes = 0
                 started = time.perf_counter()
-                stats = await pipeline.run(job, info, JobContext(client, job, 1))
+                stats = await pipeline.run(work, JobContext(client, job, 1))
                 times[way].append(time.perf_counter() - started)
                 want = {"cold": "miss", "tokens": "tokens", "kv": "kv"}[way]
                 assert stats.cache == want or (way == "tokens" and stats.cache == "miss"), stats.cache
@@ -115,7 +119,7 @@ async def measure(args) -> dict:
 
 def _first_token_logits(engine: Engine, tokens: VisualTokens) -> torch.Tensor:
     """Logits of the first answer token (the prefix prefill plus the question, no sampling)."""
-    from workers import prompt
+    from moments.workers.model import prompt
 
     with torch.inference_mode():
         prefix = engine._prefill(tokens)

@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY moments ./moments
 COPY service ./service
 COPY workers ./workers
+COPY tools ./tools
 COPY protos ./protos
 RUN pip install --no-cache-dir ".[worker,awq]"
 ENV MOMENTS_DATA_DIR=/data \

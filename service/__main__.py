@@ -1,13 +1,13 @@
-"""Run only the front end (``python -m service``), with settings from ``MOMENTS_*`` variables."""
+"""Run only the front end (``python -m moments.service``), with settings from ``MOMENTS_*`` variables."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 
-from moments.config import Settings
-from moments.logs import setup_logging
-from service.server import start_front_end
+from moments.core.config import Settings
+from moments.core.logs import setup_logging
+from moments.service.server import start_front_end
 
 
 async def main() -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from moments import errors, keys
+from moments.core import errors, keys
 
 DEFAULT_TENANT = "default"
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar(

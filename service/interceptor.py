@@ -11,10 +11,10 @@ import grpc
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
-from moments import errors
-from service import metrics
-from service.auth import Authenticator, current_tenant
-from service.status import to_status
+from moments.core import errors
+from moments.service import metrics
+from moments.service.auth import Authenticator, current_tenant
+from moments.service.status import to_status
 
 log = logging.getLogger(__name__)
 SERVICE_PREFIX = "/moments.v1.Moments/"

@@ -12,16 +12,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from moments import keys
-from moments.config import Settings
+from moments.core.blobs import open_blob_store
+from moments.core.config import Settings
+from moments.core.redis_client import connect
+from moments.service.auth import Authenticator, parse_api_keys
+from moments.service.catalog import VideoCatalog
+from moments.service.interceptor import MomentsInterceptor
+from moments.service.servicer import MomentsServicer
+from moments.service.submission import JobClient
+from moments.service.uploads import Uploads
 from moments.v1 import moments_pb2, moments_pb2_grpc
-from service.auth import Authenticator, parse_api_keys
-from service.blobstore import BlobStore
-from service.interceptor import MomentsInterceptor
-from service.jobs import JobClient
-from service.servicer import MomentsServicer
-from service.uploads import Uploads
-from service.videos import VideoCatalog
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = moments_pb2.DESCRIPTOR.services_by_name["Moments"].full_name
@@ -48,22 +48,9 @@ class FrontEnd:
         await self.redis.aclose()
 
 
-async def drop_token_cache(redis: aioredis.Redis, video_id: str) -> int:
-    """Delete every cached visual-token entry of a video; returns the number of entries."""
-    members = await redis.smembers(keys.video_token_keys(video_id))
-    names = [m.decode() for m in members]
-    entries = sum(1 for n in names if n.endswith(":manifest"))
-    if names:
-        await redis.delete(*names)
-    await redis.delete(keys.video_token_keys(video_id))
-    return entries
-
-
 async def start_front_end(settings: Settings) -> FrontEnd:
-    redis = aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0, health_check_interval=10
-    )
-    blobs = BlobStore(settings.blob_dir, settings.upload_dir)
+    redis = connect(settings.redis_url)
+    blobs = open_blob_store(settings)
     catalog = VideoCatalog(redis, blobs)
     uploads = Uploads(settings, redis, blobs, catalog)
     auth = Authenticator(parse_api_keys(settings.api_keys), redis)
@@ -74,10 +61,7 @@ async def start_front_end(settings: Settings) -> FrontEnd:
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ],
     )
-    servicer = MomentsServicer(
-        settings, uploads, catalog, JobClient(settings, redis), blobs,
-        lambda video_id: drop_token_cache(redis, video_id),
-    )
+    servicer = MomentsServicer(settings, uploads, catalog, JobClient(settings, redis))
     moments_pb2_grpc.add_MomentsServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -7,7 +7,6 @@ import contextlib
 import errno
 import hashlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,28 +15,19 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from moments import errors, keys
-from moments.config import Settings
-from moments.probe import probe_file_async
-from moments.records import VideoInfo
-from service import metrics
-from service.blobstore import SHA256_RE, BlobStore
-from service.videos import RELEASE_LOCK, VideoCatalog
+from moments.core import errors, keys
+from moments.core.blobs import SHA256_RE, BlobStore
+from moments.core.config import Settings
+from moments.core.locks import RedisLock
+from moments.core.records import UploadChunk, UploadHeader, VideoInfo
+from moments.media.probe import probe_file_async
+from moments.service import metrics
+from moments.service.catalog import VideoCatalog
 
 log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 1024 * 1024
 LOCK_TTL_S = 60
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-# KEYS: writer lock, upload hash. ARGV: token, ttl. Keeps (or re-takes) our hold on an upload;
-# 0 when another holder has it or the upload is gone (the janitor removed it meanwhile).
-_REFRESH_LOCK = """
-local v = redis.call('get', KEYS[1])
-if v == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end
-if v or redis.call('exists', KEYS[2]) == 0 then return 0 end
-redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
-"""
 
 
 @dataclass
@@ -68,21 +58,6 @@ class UploadState:
 
 
 @dataclass(frozen=True)
-class Header:
-    size_bytes: int
-    sha256: str
-    filename: str
-    content_type: str
-    upload_id: str
-
-
-@dataclass(frozen=True)
-class Chunk:
-    offset: int
-    data: bytes
-
-
-@dataclass(frozen=True)
 class UploadOutcome:
     video: VideoInfo | None
     deduplicated: bool
@@ -101,24 +76,24 @@ class Uploads:
         self.catalog = catalog
 
     async def receive(
-        self, tenant: str, header: Header, chunks: AsyncIterator[Chunk]
+        self, tenant: str, header: UploadHeader, chunks: AsyncIterator[UploadChunk]
     ) -> UploadOutcome:
         state = await self._start(tenant, header)
         if isinstance(state, UploadOutcome):
             return state
-        async with self._hold(state.upload_id) as token:
-            if token is None:
+        async with self._hold(state.upload_id) as lock:
+            if lock is None:
                 raise errors.FailedPrecondition(
                     "another stream is writing this upload; retry when it ends",
                     committed_bytes=None, upload_id=state.upload_id,
                 )
             try:
-                return await self._receive(state, chunks, token)
+                return await self._receive(state, chunks, lock)
             finally:
                 # A cut stream gets a full TTL to resume, however long it ran.
                 await self._refresh_expiry(state)
 
-    async def _receive(self, state: UploadState, chunks: AsyncIterator[Chunk], token: str) -> UploadOutcome:
+    async def _receive(self, state: UploadState, chunks: AsyncIterator[UploadChunk], lock: RedisLock) -> UploadOutcome:
         part = self.blobs.part_path(state.upload_id)
         hasher = hashlib.sha256()
         try:
@@ -126,7 +101,7 @@ class Uploads:
             with open(part, "ab") as f:
                 async for chunk in chunks:
                     committed = await self._write(state, f, hasher, committed, chunk)
-                    await self._keep_hold(state, token, committed)
+                    await self._keep_hold(state, lock, committed)
             if committed < state.size_bytes:
                 raise errors.FailedPrecondition(
                     f"upload incomplete: {committed} of {state.size_bytes} bytes committed",
@@ -160,8 +135,8 @@ class Uploads:
         removed = 0
         for raw in await self.redis.zrangebyscore(keys.UPLOADS_BY_EXPIRY, 0, now):
             upload_id = raw.decode()
-            async with self._hold(upload_id) as token:
-                if token is None:
+            async with self._hold(upload_id) as lock:
+                if lock is None:
                     log.info("upload %s is past its expiry but a stream is writing it", upload_id)
                     continue
                 expire_s = await self.redis.zscore(keys.UPLOADS_BY_EXPIRY, upload_id)
@@ -178,27 +153,16 @@ class Uploads:
         return removed
 
     @contextlib.asynccontextmanager
-    async def _hold(self, upload_id: str) -> AsyncIterator[str | None]:
-        """The writer lock of an upload: yields our token, or None when someone else holds it."""
-        lock = keys.upload_writer(upload_id)
-        token = secrets.token_hex(16)
-        if not await self.redis.set(lock, token, nx=True, ex=LOCK_TTL_S):
-            yield None
-            return
-        try:
-            yield token
-        finally:
-            try:
-                await self.redis.eval(RELEASE_LOCK, 1, lock, token)
-            except RedisError:  # the lock expires by itself; keep the stream's own outcome
-                log.warning("could not release the writer lock of upload %s", upload_id)
+    async def _hold(self, upload_id: str) -> AsyncIterator[RedisLock | None]:
+        """The writer lock of an upload: yields it, or None when someone else holds it."""
+        lock = RedisLock(self.redis, keys.upload_writer(upload_id), LOCK_TTL_S)
+        async with lock.held() as taken:
+            yield lock if taken else None
 
-    async def _keep_hold(self, state: UploadState, token: str, committed: int) -> None:
-        held = await self.redis.eval(
-            _REFRESH_LOCK, 2, keys.upload_writer(state.upload_id), keys.upload(state.upload_id),
-            token, LOCK_TTL_S,
-        )
-        if not held:  # the stream stalled past the lock and the upload expired or was taken over
+    async def _keep_hold(self, state: UploadState, lock: RedisLock, committed: int) -> None:
+        # A lapsed hold nobody took is taken back, while the upload still exists (the janitor may
+        # have removed it meanwhile).
+        if not await lock.refresh(retake_while=keys.upload(state.upload_id)):  # the stream stalled past the lock and the upload expired or was taken over
             raise errors.FailedPrecondition(
                 "the upload expired or another stream took it over while this one was idle",
                 committed_bytes=committed, upload_id=state.upload_id,
@@ -213,7 +177,7 @@ class Uploads:
         except RedisError:  # the expiry set at the start still stands
             log.warning("could not push back the expiry of upload %s", state.upload_id)
 
-    async def _start(self, tenant: str, header: Header) -> UploadState | UploadOutcome:
+    async def _start(self, tenant: str, header: UploadHeader) -> UploadState | UploadOutcome:
         if header.upload_id:
             state = await self._load(tenant, header.upload_id)
             if (header.sha256 and header.sha256 != state.sha256) or (
@@ -247,7 +211,7 @@ class Uploads:
         # stream resumes by sending the same header again.
         upload_id = hashlib.sha256(f"{tenant}\0{header.sha256}\0{header.size_bytes}".encode()).hexdigest()[:32]
         if await self.redis.exists(keys.upload(upload_id)):
-            return await self._start(tenant, Header(0, "", "", "", upload_id))
+            return await self._start(tenant, UploadHeader(0, "", "", "", upload_id))
         state = UploadState(
             upload_id=upload_id,
             tenant=tenant,
@@ -260,7 +224,7 @@ class Uploads:
         await self._save(state)
         return state
 
-    async def _write(self, state, f, hasher, committed: int, chunk: Chunk) -> int:
+    async def _write(self, state, f, hasher, committed: int, chunk: UploadChunk) -> int:
         if chunk.offset != committed:
             raise errors.FailedPrecondition(
                 f"chunk offset {chunk.offset} != committed offset {committed}",

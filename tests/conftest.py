@@ -1,7 +1,9 @@
-"""Shared fixtures: a private redis-server per test session, the tiny Qwen2.5-VL checkpoints."""
+"""Shared fixtures: a private redis-server per test session, the tiny Qwen2.5-VL checkpoints, and
+one factory for real stacks (front end + worker processes) on that Redis."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -11,6 +13,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import settings as hypothesis_settings
+
+# Property tests draw the same examples on every run (a CI run is repeatable); set
+# HYPOTHESIS_PROFILE=explore to search with fresh random examples.
+hypothesis_settings.register_profile("repeatable", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore", derandomize=False)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def free_port() -> int:
@@ -22,10 +31,12 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free loopback port, restartable for fault tests."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.appendonly = appendonly
+        """Keep an append-only file (fsync on every write), so a restart keeps everything written."""
 
     @property
     def url(self) -> str:
@@ -35,9 +46,11 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (.ci/run installs it)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persist,
+             "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
@@ -79,7 +92,7 @@ def redis_url(redis_server):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2.5-VL checkpoint (plain weights) written by the project's own builder."""
-    from workers.tiny_model import build_tiny_model
+    from moments.tools.tiny_model import build_tiny_model
 
     cached = os.environ.get("MOMENTS_TEST_TINY_MODEL")
     if cached and Path(cached, "config.json").exists():
@@ -92,8 +105,30 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_awq_model_dir(tmp_path_factory) -> Path:
     """The same tiny model saved as an AWQ (4-bit, group 128 style) checkpoint."""
-    from workers.tiny_model import build_tiny_model
+    from moments.tools.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-awq-model")
     build_tiny_model(out, awq=True, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def stack_factory(request, redis_server, tmp_path_factory):
+    """Start real stacks on the session's Redis: ``with stack_factory(workers=0, api_keys=...) as s``.
+
+    Settings are sized for 2 cores and the tiny model (``tests.stack.stack_settings``); keywords
+    override them. ``model`` defaults to the tiny model, ``data_dir`` to a fresh folder, ``redis_url``
+    to the session's server; ``faults`` (a dict) switches fault injection on in the workers.
+    """
+    from tests.stack import ThreadedStack, stack_settings
+
+    def make(*, workers: int = 1, model=None, data_dir=None, redis_url=None, faults=None, **overrides):
+        if faults is not None:
+            overrides["faults"] = json.dumps(faults)
+        if model is None:  # a front end alone loads no model: do not build one for it
+            model = request.getfixturevalue("tiny_model_dir") if workers else "unused"
+        settings = stack_settings(redis_url or redis_server.url, data_dir or tmp_path_factory.mktemp("stack"),
+                                  model, **overrides)
+        return ThreadedStack(settings, workers=workers)
+
+    return make

@@ -20,7 +20,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from moments.synthetic import TIME_BASE, frame_times_s  # noqa: F401 - one VFR schedule for both
+from moments.tools.synthetic import TIME_BASE, frame_times_s  # noqa: F401 - one VFR schedule for both
 
 GRID = 4  # cells per side; 16 bits
 

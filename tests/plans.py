@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.sampling import SamplingPlan
+from moments.media.sampling import SamplingPlan
 
 QUERIES = ["a man opens the door", "the dog jumps", "seasoning the steak", "someone waves"]
 

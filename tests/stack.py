@@ -1,4 +1,6 @@
-"""Run the real ``moments serve`` stack (front end in a thread's event loop, worker processes)."""
+"""Run the real ``moments serve`` stack (front end in a thread's event loop, worker processes).
+
+Tests get stacks from the ``stack_factory`` fixture (``tests/conftest.py``), which builds them here."""
 
 from __future__ import annotations
 
@@ -6,8 +8,8 @@ import asyncio
 import threading
 from pathlib import Path
 
-from moments.config import Settings
-from moments.serve import Stack
+from moments.core.config import Settings
+from moments.app.serve import Stack
 
 
 def stack_settings(redis_url: str, data_dir: Path, model_dir: Path, **overrides) -> Settings:
@@ -33,11 +35,11 @@ def stack_settings(redis_url: str, data_dir: Path, model_dir: Path, **overrides)
 class ThreadedStack:
     """A Stack whose event loop runs in a background thread, so tests use the blocking client."""
 
-    def __init__(self, settings: Settings, workers: int = 1, worker_env: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings, workers: int = 1) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.stack = Stack(settings, workers=workers, worker_env=worker_env)
+        self.stack = Stack(settings, workers=workers)
 
     def run(self, coro, timeout_s: float = 120.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)

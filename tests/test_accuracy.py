@@ -1,4 +1,4 @@
-"""Accuracy end to end with the shipped tiny grounder (``moments/assets/grounder``).
+"""Accuracy end to end with the shipped tiny grounder (``tools/grounder``).
 
 A video the grounder never saw (a length and native frame rate outside its training set,
 variable frame rate) goes through the whole service: upload, probe, sampling plan, decode, encode,
@@ -16,22 +16,23 @@ from pathlib import Path
 
 import pytest
 
-from moments.client import MomentsClient
-from moments.evaluate import sampling_bounds, temporal_iou
-from moments.records import duration_s
-from moments.synthetic import Event, random_scene, write_event_video, write_scene
-from tests.stack import ThreadedStack, stack_settings
+from moments.app.client import MomentsClient
+from moments.app.evaluate import temporal_iou
+from moments.core.config import Settings
+from moments.workers.pipeline import answer_file
+from moments.core.records import duration_s
+from moments.tools.synthetic import Event, random_scene, write_event_video, write_scene
+from moments.tools import GROUNDER_DIR as GROUNDER
 
-GROUNDER = Path(__file__).resolve().parents[1] / "moments" / "assets" / "grounder"
 DURATION_S = 71.5  # training videos are whole seconds
 NATIVE_FPS = 20.0  # not one of the training rates
 MAX_NEW_TOKENS = 24
 SERVICE_MAX_FRAMES, SERVICE_BUDGET_TOKENS = 64, 512
 """What the grounder was trained with (also the tests' stack_settings)."""
 
-pytestmark = pytest.mark.skipif(not (GROUNDER / "config.json").exists(),
-                                reason=f"the shipped grounder is absent ({GROUNDER}); "
-                                       "train it with python -m workers.train_grounder")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not (GROUNDER / "config.json").exists(),
+    reason=f"the shipped grounder is absent ({GROUNDER}); train it with python -m moments.tools.train_grounder")]
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +43,20 @@ def scene_video(tmp_path_factory):
 
 
 def engine_answers(engine, path: Path, queries, *, break_spgt: bool = False):
-    from moments.probe import probe_file
-    from workers.decode import decode_all
-    from workers.sampling import SamplingOptions, plan_sampling
-
-    info = probe_file(path)
-    plan = plan_sampling(info.duration_s, info.native_fps, info.width, info.height,
-                         SamplingOptions(max_frames=SERVICE_MAX_FRAMES, budget_tokens=SERVICE_BUDGET_TOKENS,
-                                         **sampling_bounds(GROUNDER)))
-    tokens = engine.encode(decode_all(path, plan, info), plan)
-    if break_spgt:  # the classic bug: the temporal step of the position ids is off by 2x
-        tokens = replace(tokens, second_per_grid_ts=tokens.second_per_grid_ts * 2)
-    return engine.answer(tokens, queries, max_new_tokens=MAX_NEW_TOKENS, duration_s=info.duration_s)
+    settings = Settings.from_env(environ={}, max_frames=SERVICE_MAX_FRAMES, budget_tokens=SERVICE_BUDGET_TOKENS,
+                                 max_new_tokens=MAX_NEW_TOKENS)
+    # The classic bug: the temporal step of the position ids is off by 2x.
+    hook = (lambda t: replace(t, second_per_grid_ts=t.second_per_grid_ts * 2)) if break_spgt else None
+    return answer_file(engine, settings, path, queries, tokens_hook=hook)
 
 
-def assert_grpc_answers_overlap(redis_server, tmp_path, monkeypatch, path: Path, events) -> None:
+def assert_grpc_answers_overlap(redis_server, stack_factory, tmp_path, monkeypatch, path: Path, events) -> None:
     """Upload ``path`` and ask about every event through gRPC: each answer must have IoU >= 0.5."""
     redis_server.client().flushall()
-    monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "uploads.json")
-    settings = stack_settings(redis_server.url, tmp_path / "data", GROUNDER, max_new_tokens=MAX_NEW_TOKENS,
-                              max_frames=SERVICE_MAX_FRAMES, budget_tokens=SERVICE_BUDGET_TOKENS)
+    monkeypatch.setattr("moments.app.client.DEFAULT_STATE", tmp_path / "uploads.json")
     queries = [e.query for e in events]
-    with ThreadedStack(settings) as stack, MomentsClient(stack.target) as client:
+    with stack_factory(model=GROUNDER, max_new_tokens=MAX_NEW_TOKENS, max_frames=SERVICE_MAX_FRAMES,
+                       budget_tokens=SERVICE_BUDGET_TOKENS) as stack, MomentsClient(stack.target) as client:
         video_id = client.upload(path).video.video_id
         response = client.localize(video_id, queries, timeout_s=120)
     # The grounder was trained on 56x84 frames: the service must plan with the checkpoint's bounds.
@@ -78,24 +71,25 @@ def assert_grpc_answers_overlap(redis_server, tmp_path, monkeypatch, path: Path,
         assert score >= 0.5, f"{event.query!r}: {got} vs truth {(event.start_s, event.end_s)} (IoU {score:.2f})"
 
 
-def test_unseen_video_through_grpc_every_query_iou_over_half(redis_server, scene_video, tmp_path, monkeypatch):
+def test_unseen_video_through_grpc_every_query_iou_over_half(redis_server, stack_factory, scene_video, tmp_path,
+                                                             monkeypatch):
     scene, path = scene_video
-    assert_grpc_answers_overlap(redis_server, tmp_path, monkeypatch, path, scene.events)
+    assert_grpc_answers_overlap(redis_server, stack_factory, tmp_path, monkeypatch, path, scene.events)
 
 
-def test_moving_objects_through_grpc_every_query_iou_over_half(redis_server, tmp_path, monkeypatch):
+def test_moving_objects_through_grpc_every_query_iou_over_half(redis_server, stack_factory, tmp_path, monkeypatch):
     """Objects on screen the whole time that slide left during their interval ("moves left"),
     beside one that appears: the answer must come from the motion, not from visibility."""
     events = [Event("yellow", "triangle", 12.0, 40.0, lane=1, kind="move"),
               Event("blue", "square", 30.0, 61.0, lane=0),
               Event("red", "circle", 5.0, 22.0, lane=2, kind="move")]
     path = write_event_video(tmp_path / "moves.mp4", events, seconds=DURATION_S, fps=NATIVE_FPS, vfr=True, seed=5)
-    assert_grpc_answers_overlap(redis_server, tmp_path, monkeypatch, path, events)
+    assert_grpc_answers_overlap(redis_server, stack_factory, tmp_path, monkeypatch, path, events)
 
 
 def test_wrong_second_per_grid_ts_moves_the_answers(scene_video):
     """Same video, engine in process: right ids give IoU >= 0.5; doubled temporal ids do not."""
-    from workers.engine import Engine
+    from moments.workers.model.engine import Engine
 
     scene, path = scene_video
     engine = Engine.load(str(GROUNDER), device="cpu")

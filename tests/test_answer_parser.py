@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.answer_parser import format_segment, parse_answer, parse_time
+from moments.workers.model.answer_parser import format_segment, parse_answer, parse_time
 
 
 def spans(segments):

@@ -6,24 +6,22 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moments.client import MomentsClient
-from moments.synthetic import Event, write_event_video
-from service.auth import hash_key
-from tests.stack import ThreadedStack, stack_settings
+from moments.app.client import MomentsClient
+from moments.tools.synthetic import Event, write_event_video
+from moments.service.auth import hash_key
 
 KEYS = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret"}
 
 
 @pytest.fixture(scope="module")
-def front(redis_server, tmp_path_factory):
+def front(redis_server, stack_factory):
     redis_server.client().flushall()
     spec = ",".join([
         f"alice:{hash_key(KEYS['alice'])}",
         f"bob:{hash_key(KEYS['bob'])}",
         f"carol:{hash_key(KEYS['carol'])}:2",  # 2 requests per second
     ])
-    settings = stack_settings(redis_server.url, tmp_path_factory.mktemp("data"), "unused", api_keys=spec)
-    with ThreadedStack(settings, workers=0) as s:
+    with stack_factory(workers=0, api_keys=spec) as s:
         yield s
 
 
@@ -48,7 +46,7 @@ def test_health_needs_no_key(front):
 
 
 def test_videos_belong_to_their_tenant(front, video, tmp_path, monkeypatch):
-    monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "state.json")
+    monkeypatch.setattr("moments.app.client.DEFAULT_STATE", tmp_path / "state.json")
     with MomentsClient(front.target, api_key=KEYS["alice"]) as alice, \
             MomentsClient(front.target, api_key=KEYS["bob"]) as bob:
         video_id = alice.upload(video).video.video_id
@@ -84,19 +82,20 @@ def test_rate_quota_gives_resource_exhausted_with_retry_info(front):
         assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
 
 
+@pytest.mark.slow
 def test_last_owners_delete_cannot_take_the_blob_from_anothers_upload(front, tmp_path, monkeypatch):
     """Alice, the last owner, deletes a video while Bob uploads the same bytes. Whatever the
     interleaving, Bob's upload must end with his video stored: here the delete is held just before it
     unlinks the blob, the moment a finished upload of the same bytes would otherwise be lost."""
     import threading
 
-    from service import uploads
-    from service.blobstore import BlobStore
+    from moments.service import uploads
+    from moments.core.blobs import LocalBlobStore
 
-    monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "state.json")
+    monkeypatch.setattr("moments.app.client.DEFAULT_STATE", tmp_path / "state.json")
     video = write_event_video(tmp_path / "race.mp4", [Event("blue", "circle", 1, 3)], seconds=4, fps=4)
     deleting, go, probed = threading.Event(), threading.Event(), threading.Event()
-    unlink, probe = BlobStore.delete, uploads.probe_file_async
+    unlink, probe = LocalBlobStore.delete, uploads.probe_file_async
 
     def held_delete(self, sha256):
         deleting.set()
@@ -108,7 +107,7 @@ def test_last_owners_delete_cannot_take_the_blob_from_anothers_upload(front, tmp
         probed.set()
         return info
 
-    monkeypatch.setattr(BlobStore, "delete", held_delete)
+    monkeypatch.setattr(LocalBlobStore, "delete", held_delete)
     monkeypatch.setattr(uploads, "probe_file_async", signalling_probe)
     with MomentsClient(front.target, api_key=KEYS["alice"]) as alice, \
             MomentsClient(front.target, api_key=KEYS["bob"]) as bob:

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import workers.decode as decode_mod
-from moments.probe import probe_file
+import moments.media.decode as decode_mod
+from moments.media.probe import probe_file
 from tests.media import frame_times_s, index_at, make_video, read_index
-from workers.decode import decode_all, decode_frames
-from workers.sampling import SamplingOptions, plan_sampling
+from moments.media.decode import decode_all, decode_frames
+from moments.media.sampling import SamplingOptions, plan_sampling
 
 pytestmark = pytest.mark.timeout(60)
 

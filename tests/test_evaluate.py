@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from moments.cli import main as cli_main
-from moments.evaluate import (
+from moments.app.cli import main as cli_main
+from moments.app.evaluate import (
     Annotation,
     Prediction,
     load_annotations,
@@ -19,7 +19,7 @@ from moments.evaluate import (
     resolve_video,
     temporal_iou,
 )
-from moments.synthetic import random_scene, write_annotation_set
+from moments.tools.synthetic import random_scene, write_annotation_set
 
 
 def test_temporal_iou_hand_cases():
@@ -111,7 +111,7 @@ def test_eval_command_names_missing_videos_before_any_work(tmp_path, capsys):
 def test_move_events_slide_left_during_their_interval():
     """A "moves left" object is on screen throughout: still before its interval, sliding left during
     it, still (further left) after it. An "appears" object is on screen only in its interval."""
-    from moments.synthetic import Event, render_frame
+    from moments.tools.synthetic import Event, render_frame
 
     move, appear = Event("blue", "circle", 10.0, 20.0, lane=0, kind="move"), Event("red", "square", 5.0, 8.0, lane=2)
     assert move.query == "the blue circle moves left" and appear.query == "the red square appears"

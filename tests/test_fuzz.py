@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from moments.v1 import moments_pb2 as pb
 from moments.v1 import moments_pb2_grpc as pb_grpc
 from tests.media import make_video
-from tests.stack import ThreadedStack, stack_settings
 
 pytestmark = pytest.mark.slow
 PROBE_TIMEOUT_S = 10.0
@@ -33,11 +32,9 @@ SLACK_S = 15.0
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server, tiny_model_dir, tmp_path_factory):
+def stack(redis_server, stack_factory):
     redis_server.client().flushall()
-    settings_ = stack_settings(redis_server.url, tmp_path_factory.mktemp("data"), tiny_model_dir,
-                               probe_timeout_s=PROBE_TIMEOUT_S, probe_memory_bytes=1024**3)
-    with ThreadedStack(settings_, workers=1) as s:
+    with stack_factory(probe_timeout_s=PROBE_TIMEOUT_S, probe_memory_bytes=1024**3) as s:
         yield s
 
 
@@ -303,7 +300,7 @@ INJECTIONS = [
 
 def test_prompt_injection_answers_are_parsed_only_as_times_within_the_video(stub, video):
     duration_s = video.duration.ToNanoseconds() / 1e9
-    response = localize(stub, video.video_id, INJECTIONS, max_new_tokens=24)
+    response = localize(stub, video.video_id, INJECTIONS, max_new_tokens=12)
     assert [r.query for r in response.results] == INJECTIONS
     for result in response.results:
         assert isinstance(result.raw_answer, str)
@@ -312,7 +309,7 @@ def test_prompt_injection_answers_are_parsed_only_as_times_within_the_video(stub
             assert 0.0 <= start < end <= duration_s + 1e-6, (result.raw_answer, start, end)
             assert 0.0 <= seg.confidence <= 1.0
     # Had the model obeyed, the parser would still keep only times inside the video.
-    from workers.answer_parser import parse_answer
+    from moments.workers.model.answer_parser import parse_answer
 
     obeyed = ["DROP TABLE videos; from -5 to 99999 seconds", '{"start_time": -1e308, "end_time": 1e308}',
               "1e308 to -inf seconds, NaN", *INJECTIONS]

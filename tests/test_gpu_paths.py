@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from workers import vision_attention as va
-from workers.engine import Engine, pixel_values_videos
+from moments.workers.model.engine import Engine
+from moments.workers.model.kernels import vision_attention as va
+from moments.workers.model.preprocessing import VideoProcessing, pixel_values_videos
 from tests.plans import QUERIES, make_frames, make_plan
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -52,29 +53,29 @@ def test_packed_vision_attention_equals_the_window_loop(engine, size):
 
 
 def test_fast_decoder_gives_the_eager_tokens(tiny_model_dir, engine):
-    from workers.fast_decode import FastDecoder
-
-    fast = Engine.load(str(tiny_model_dir), device="cpu", fast_decode=True)
-    fast._fast = FastDecoder(fast.model, graphs=False, bucket=64, grow=128)  # several chunks and buckets
+    # Small buckets and growth steps: several chunks and buckets on the tiny model.
+    fast = Engine.load(str(tiny_model_dir), device="cpu", fast_decode=True, decode_bucket=64, decode_grow=128)
     plan = make_plan(32, 0.5, 112, 112)  # 256 visual tokens
     tokens = engine.encode(make_frames(plan, 22), plan)
     prefix_e, prefix_f = engine.prefill(tokens), fast.prefill(tokens)
-    eager = engine.answer(tokens, QUERIES, max_new_tokens=24, prefix=prefix_e)
-    quick = fast.answer(tokens, QUERIES, max_new_tokens=24, prefix=prefix_f)
+    eager = engine.generate(tokens, QUERIES, max_new_tokens=24, prefix=prefix_e)
+    quick = fast.generate(tokens, QUERIES, max_new_tokens=24, prefix=prefix_f)
     assert [a.text for a in quick] == [a.text for a in eager]
     assert len({a.text for a in eager}) > 1 and all(a.text for a in eager)
-    assert [a.segments for a in quick] == [a.segments for a in eager]  # confidences from the same probs
+    for q, e in zip(quick, eager):  # confidences come from the same probabilities
+        assert [p for p, _ in q.pieces] == [p for p, _ in e.pieces]
+        assert [x for _, x in q.pieces] == pytest.approx([x for _, x in e.pieces], rel=1e-3)
     assert set(quick[0].stage_ms) == {"prefill", "generate"}
     # The hot prefix stays loaded across questions, and the prefix object itself is untouched.
     assert fast._fast.loaded[0] == id(prefix_f.cache)
-    assert [a.text for a in fast.answer(tokens, QUERIES[:2], max_new_tokens=24, prefix=prefix_f)] == \
+    assert [a.text for a in fast.generate(tokens, QUERIES[:2], max_new_tokens=24, prefix=prefix_f)] == \
         [a.text for a in eager[:2]]
     # Another video (another prefix) replaces it; then back to the first one.
     plan_b = make_plan(8, 0.2, 84, 56)
     b = engine.encode(make_frames(plan_b, 23), plan_b)
-    assert [a.text for a in fast.answer(b, QUERIES[:2], max_new_tokens=16)] == \
-        [a.text for a in engine.answer(b, QUERIES[:2], max_new_tokens=16)]
-    assert [a.text for a in fast.answer(tokens, QUERIES[:1], max_new_tokens=24, prefix=prefix_f)] == \
+    assert [a.text for a in fast.generate(b, QUERIES[:2], max_new_tokens=16)] == \
+        [a.text for a in engine.generate(b, QUERIES[:2], max_new_tokens=16)]
+    assert [a.text for a in fast.generate(tokens, QUERIES[:1], max_new_tokens=24, prefix=prefix_f)] == \
         [eager[0].text]
 
 
@@ -90,8 +91,8 @@ def test_vision_tower_rewrites_are_exact(tiny_model_dir):
 
 
 def test_device_awq_loader_equals_the_cpu_loader(tiny_awq_model_dir):
-    from workers.awq import load_awq_model
-    from workers.awq_device import load_awq_dequantized_on_device
+    from moments.workers.model.awq import load_awq_model
+    from moments.workers.model.loading import load_awq_dequantized_on_device
 
     ref = load_awq_model(tiny_awq_model_dir, dtype=torch.float32, device=torch.device("cpu"),
                          attn_implementation="sdpa").state_dict()
@@ -103,8 +104,6 @@ def test_device_awq_loader_equals_the_cpu_loader(tiny_awq_model_dir):
 
 @cuda
 def test_cuda_patchify_equals_cpu():
-    from workers.engine import VideoProcessing
-
     frames = make_frames(make_plan(4, 2.0), 24)
     cpu, grid = pixel_values_videos(frames, VideoProcessing())
     gpu, grid_gpu = pixel_values_videos(torch.from_numpy(frames).cuda(), VideoProcessing())
@@ -129,8 +128,8 @@ def test_cuda_graph_decoder_matches_eager(tiny_model_dir):
     fast = Engine.load(str(tiny_model_dir), dtype="float32", fast_decode=True)
     plan = make_plan(16, 0.5, 112, 112)
     tokens = eager.encode(make_frames(plan, 26), plan)
-    want = [a.text for a in eager.answer(tokens, QUERIES, max_new_tokens=24)]
-    assert [a.text for a in fast.answer(tokens, QUERIES, max_new_tokens=24)] == want
+    want = [a.text for a in eager.generate(tokens, QUERIES, max_new_tokens=24)]
+    assert [a.text for a in fast.generate(tokens, QUERIES, max_new_tokens=24)] == want
     assert fast._fast.graphs and fast._fast._graphs
 
 
@@ -165,19 +164,21 @@ def test_fused_prefill_gives_the_stock_cache(tiny_model_dir, compiled):
     tokens = eng.encode(make_frames(plan, 33), plan)
     assert not eng.prefill_fused  # CPU default: transformers' forward
     ref = eng.prefill(tokens)
-    eng.prefill_fused, eng.compile = True, compiled
-    got = eng.prefill(tokens)
+    fused = _fresh(tiny_model_dir, fused_prefill=True, compile=compiled)
+    assert fused.prefill_fused
+    got = fused.prefill(tokens)
     assert (got.length, got.next_position) == (ref.length, ref.next_position)
     for a, b in zip(ref.cache.layers, got.cache.layers):
         assert a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
         assert float((a.keys - b.keys).norm() / a.keys.norm()) < 1e-5
         assert float((a.values - b.values).norm() / a.values.norm()) < 1e-5
-    want = [a.text for a in eng.answer(tokens, QUERIES, max_new_tokens=24, prefix=ref)]
-    assert [a.text for a in eng.answer(tokens, QUERIES, max_new_tokens=24, prefix=got)] == want
+    want = [a.text for a in eng.generate(tokens, QUERIES, max_new_tokens=24, prefix=ref)]
+    assert [a.text for a in fused.generate(tokens, QUERIES, max_new_tokens=24, prefix=got)] == want
     # The q/k/v and gate/up linears now view shared weights: the stock forward gives the same cache.
-    eng.prefill_fused = False
-    again = eng.prefill(tokens)
-    assert all(torch.equal(a.keys, b.keys) for a, b in zip(ref.cache.layers, again.cache.layers))
+    again = _fresh(tiny_model_dir)
+    again.model.load_state_dict(fused.model.state_dict())
+    stock = again.prefill(tokens)
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(ref.cache.layers, stock.cache.layers))
 
 
 def test_stock_load_is_unmodified(tiny_model_dir):

@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from moments.errors import InvalidVideo
-from moments.probe import probe_file, probe_file_async, sniff_format
+from moments.core.errors import InvalidVideo
+from moments.media.probe import probe_file, probe_file_async, sniff_format
 from tests.media import (
     make_mjpeg_claiming,
     make_noise_bytes,

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from workers.sampling import (
+from moments.media.sampling import (
     SamplingOptions,
+    _covering,
     _frame_count,
     _frame_size,
     plan_sampling,
@@ -168,7 +169,8 @@ def test_plan_properties(case):
     if k > 1:
         faster = 2.0 / (k - 1)
         fps_cap = min(options.max_fps, native_fps) if native_fps > 0 else options.max_fps
-        frames = _frame_count(duration_s, k - 1, options.min_frames)
+        last_s = duration_s - (1.0 / native_fps if native_fps > 0 else 1e-3)
+        frames = _frame_count(_covering(duration_s, last_s, k - 1), options.min_frames)
         if faster <= fps_cap + 1e-9 and frames <= options.max_frames:
             h, w = _frame_size(height, width, frames, options)
             assert (frames // 2) * (h // 28) * (w // 28) > options.budget_tokens

@@ -13,26 +13,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from moments.client import MomentsClient
-from moments.records import SamplingRequest
-from moments.synthetic import Event, write_event_video
+from moments.app.client import MomentsClient
+from moments.core.records import SamplingRequest
+from moments.tools.synthetic import Event, write_event_video
 from moments.v1 import moments_pb2 as pb
 from tests.conftest import free_port
-from tests.stack import ThreadedStack, stack_settings
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server, tiny_model_dir, tmp_path_factory):
+def stack(redis_server, stack_factory):
     redis_server.client().flushall()
-    data = tmp_path_factory.mktemp("data")
-    settings = stack_settings(redis_server.url, data, tiny_model_dir, metrics_port=free_port())
-    with ThreadedStack(settings) as s:
+    with stack_factory(metrics_port=free_port()) as s:
         yield s
 
 
 @pytest.fixture
 def client(stack, tmp_path, monkeypatch):
-    monkeypatch.setattr("moments.client.RESUME_STATE", tmp_path / "uploads.json")
+    monkeypatch.setattr("moments.app.client.DEFAULT_STATE", tmp_path / "uploads.json")
     with MomentsClient(stack.target) as c:
         yield c
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers import prompt
-from workers.awq import AWQ_ORDER, dequantize_awq, hub_key_to_module_key, pack_awq, quantize_awq, unpack_awq
-from workers.tiny_model import AWQ_GROUP_SIZE, SPECIAL_TOKENS, build_tiny_model
+from moments.workers.model import prompt
+from moments.workers.model.awq import AWQ_ORDER, dequantize_awq, hub_key_to_module_key, pack_awq, quantize_awq, unpack_awq
+from moments.tools.tiny_model import AWQ_GROUP_SIZE, SPECIAL_TOKENS, build_tiny_model
 
 
 def test_checkpoint_loads_with_the_real_classes(tiny_model_dir):

@@ -8,8 +8,7 @@ import subprocess
 import grpc
 import pytest
 
-from moments.client import MomentsClient
-from tests.stack import ThreadedStack, stack_settings
+from moments.app.client import MomentsClient
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 
@@ -35,14 +34,11 @@ def pki(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mutual", [False, True])
-def test_tls_and_mtls(redis_server, tmp_path, pki, mutual):
+def test_tls_and_mtls(redis_server, stack_factory, pki, mutual):
     redis_server.client().flushall()
-    settings = stack_settings(
-        redis_server.url, tmp_path, "unused", tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
-        tls_client_ca=str(pki / "ca.pem") if mutual else "",
-    )
     ca = (pki / "ca.pem").read_bytes()
-    with ThreadedStack(settings, workers=0) as front:
+    with stack_factory(workers=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                       tls_client_ca=str(pki / "ca.pem") if mutual else "") as front:
         cert = (pki / "client.pem").read_bytes() if mutual else None
         key = (pki / "client.key").read_bytes() if mutual else None
         with MomentsClient(front.target, tls_root_ca=ca, tls_cert=cert, tls_key=key) as client:

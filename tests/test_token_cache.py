@@ -11,17 +11,18 @@ import redis
 import redis.asyncio as aioredis
 import torch
 
-from moments import keys
-from moments.config import Settings
-from moments.records import Job, SamplingRequest
-from moments.synthetic import Event, write_event_video
+from moments.core import keys
+from moments.core.blobs import LocalBlobStore
+from moments.core.config import Settings
+from moments.core.records import Job, SamplingRequest
+from moments.tools.synthetic import Event, write_event_video
 from tests.conftest import free_port
-from workers.engine import Engine
-from workers.job_loop import JobContext
-from workers.kv_cache import KVPrefixCache
-from workers.pipeline import Pipeline
-from workers.sampling import SamplingOptions, plan_sampling
-from workers.token_cache import TokenCache, cache_key
+from moments.workers.model.engine import Engine
+from moments.workers.job_loop import JobContext
+from moments.workers.kv_cache import KVPrefixCache
+from moments.workers.pipeline import Pipeline
+from moments.media.sampling import SamplingOptions, plan_sampling
+from moments.workers.token_cache import TokenCache, cache_key
 
 
 @pytest.fixture(scope="module")
@@ -87,23 +88,28 @@ def test_key_depends_on_video_plan_and_encoder(tokens):
 
 async def test_second_worker_waits_for_the_first_or_takes_over(cache, tokens):
     _, vt = tokens
-    assert await cache.lock("k3", "worker-a")
-    assert not await cache.lock("k3", "worker-b")
+    first = cache.encode_lock("k3", "worker-a")
+    assert await first.acquire()
+    assert not await cache.encode_lock("k3", "worker-b").acquire()
 
     async def first_worker_finishes():
         await asyncio.sleep(0.3)
         await cache.put("k3", "c" * 64, vt)
-        await cache.unlock("k3", "worker-a")
+        await first.release()
 
     finisher = asyncio.create_task(first_worker_finishes())
     got = await cache.wait_for_other("k3", poll_s=0.05)
     await finisher
     assert got is not None and torch.equal(got.embeds, vt.embeds)
 
-    assert await cache.lock("k4", "worker-a")
+    dead = cache.encode_lock("k4", "worker-a")
+    assert await dead.acquire()
     await cache.redis.delete(keys.token_cache_lock("k4"))  # worker-a died: its lock expired
     assert await cache.wait_for_other("k4", poll_s=0.05) is None
-    assert await cache.lock("k4", "worker-b")
+    taker = cache.encode_lock("k4", "worker-b")
+    assert await taker.acquire()
+    await dead.release()  # the dead holder's late release must not free the new holder's lock
+    assert (await taker.holder()) == taker.token
 
 
 class CountingEngine:
@@ -122,39 +128,41 @@ class CountingEngine:
 
 
 def _job_and_info(tmp_path):
+    """A job about a real video placed in a local blob store (returned too)."""
     path = write_event_video(tmp_path / "v.mp4", [Event("red", "square", 1, 3)], seconds=6, fps=6)
     import hashlib
 
-    from moments.probe import probe_file
+    from moments.media.probe import probe_file
 
     video_id = hashlib.sha256(path.read_bytes()).hexdigest()
     info = probe_file(path, video_id=video_id)
-    job = Job(kind="localize", video_id=video_id, blob_path=str(path), queries=("q",),
-              sampling=SamplingRequest())
-    return job, info
+    blobs = LocalBlobStore(tmp_path / "blobs", tmp_path / "uploads")
+    blobs.commit(path, video_id)
+    job = Job(kind="localize", video_id=video_id, queries=("q",), sampling=SamplingRequest())
+    return job, info, blobs
 
 
 async def test_two_workers_same_uncached_video_encode_once(redis_url, engine, tmp_path):
-    job, info = _job_and_info(tmp_path)
+    job, info, blobs = _job_and_info(tmp_path)
     settings = Settings.from_env(environ={}, budget_tokens=512, max_new_tokens=4)
     counting = CountingEngine(engine)
     client = aioredis.Redis.from_url(redis_url)
     pipelines = [Pipeline(settings, counting, TokenCache(client, ttl_s=60, chunk_bytes=1 << 20),
-                          KVPrefixCache(0), owner=name) for name in ("w1", "w2")]
-    results = await asyncio.gather(*(p.run(job, info, JobContext(client, job, 1)) for p in pipelines))
+                          KVPrefixCache(0), blobs, owner=name) for name in ("w1", "w2")]
+    works = [p.prepare(job, info) for p in pipelines]
+    results = await asyncio.gather(*(p.run(w, JobContext(client, job, 1)) for p, w in zip(pipelines, works)))
     assert sorted(r.cache for r in results) == ["miss", "tokens"]
-    plan = pipelines[0].plan(job, info)
-    assert counting.encode_calls == -(-plan.frames // 32)  # one worker's chunks, not two
+    assert counting.encode_calls == -(-works[0].plan.frames // 32)  # one worker's chunks, not two
 
 
 async def test_redis_down_still_answers_with_cache_bypassed(redis_url, engine, tmp_path, caplog):
-    job, info = _job_and_info(tmp_path)
+    job, info, blobs = _job_and_info(tmp_path)
     settings = Settings.from_env(environ={}, budget_tokens=512, max_new_tokens=4)
     dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
     events = aioredis.Redis.from_url(redis_url)
     pipeline = Pipeline(settings, engine, TokenCache(dead, ttl_s=60, chunk_bytes=1 << 20),
-                        KVPrefixCache(0), owner="w")
-    stats = await asyncio.wait_for(pipeline.run(job, info, JobContext(events, job, 1)), 60)
+                        KVPrefixCache(0), blobs, owner="w")
+    stats = await asyncio.wait_for(pipeline.run(pipeline.prepare(job, info), JobContext(events, job, 1)), 60)
     assert stats.cache == "bypassed"
     results = [e for e in await events.xrange(keys.job_events(job.job_id)) if e[1][b"kind"] == b"result"]
     assert len(results) == 1

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers import train_grounder as tg
-from workers.engine import Engine, VideoProcessing, mrope_positions
+from moments.tools import train_grounder as tg
+from moments.workers.model.engine import Engine, VideoProcessing, mrope_positions
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def grounder(tmp_path_factory):
     """A random-init grounder (the shipped sizes) with the project's tokenizer and processor files."""
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from workers.tiny_model import build_tiny_model
+    from moments.tools.tiny_model import build_tiny_model
 
     out = build_tiny_model(tmp_path_factory.mktemp("grounder"), seed=3)
     cfg = tg.grounder_config(json.loads((Path(out) / "config.json").read_text()))
@@ -100,6 +100,7 @@ def test_binding_loss_rewards_the_asked_event(grounder):
     assert good < 0.01 < bad
 
 
+@pytest.mark.slow
 def test_a_short_training_run_writes_a_checkpoint_the_engine_serves(tmp_path):
     out = tmp_path / "g"
     summary = tg.train(out, steps=3, batch_size=2, lr=1e-3, seed=0, eval_every=3, threads=1,
@@ -114,6 +115,6 @@ def test_a_short_training_run_writes_a_checkpoint_the_engine_serves(tmp_path):
     engine = Engine.load(str(out), device="cpu")
     scene = tg.random_scene(random.Random(1), 30.5)
     plan = tg.plan_for(scene, tg.sampling_options())
-    answers = engine.answer(engine.encode(tg.scene_frames(scene, plan), plan), [scene.events[0].query],
-                            max_new_tokens=8, duration_s=scene.duration_s)
+    answers = engine.generate(engine.encode(tg.scene_frames(scene, plan), plan), [scene.events[0].query],
+                              max_new_tokens=8)
     assert len(answers) == 1 and isinstance(answers[0].text, str) and answers[0].text

@@ -21,13 +21,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from moments import keys
-from moments.synthetic import Event, write_event_video
+from moments.core import keys
+from moments.tools.synthetic import Event, write_event_video
 from moments.v1 import moments_pb2 as pb
 from moments.v1 import moments_pb2_grpc as pb_grpc
-from service.auth import hash_key
-from service.uploads import MAX_CHUNK_BYTES
-from tests.stack import ThreadedStack, stack_settings
+from moments.service.auth import hash_key
+from moments.service.uploads import MAX_CHUNK_BYTES
 
 KEYS = {"alice": "alice-secret", "bob": "bob-secret"}
 API_KEYS = ",".join(f"{tenant}:{hash_key(key)}" for tenant, key in KEYS.items())
@@ -38,11 +37,9 @@ def md(tenant: str = "alice") -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def front(redis_server, tmp_path_factory):
+def front(redis_server, stack_factory):
     redis_server.client().flushall()
-    settings = stack_settings(redis_server.url, tmp_path_factory.mktemp("data"), "unused",
-                              api_keys=API_KEYS)
-    with ThreadedStack(settings, workers=0) as s:
+    with stack_factory(workers=0, api_keys=API_KEYS) as s:
         yield s
 
 
@@ -233,12 +230,17 @@ def test_header_with_an_upload_id_of_other_bytes_is_invalid_argument(stub, video
 
 
 @pytest.fixture(scope="module")
-def short_ttl(redis_server, tmp_path_factory):
+def short_ttl(stack_factory):
     """A front end whose partial uploads expire one second after their stream ends."""
-    settings = stack_settings(redis_server.url, tmp_path_factory.mktemp("ttl"), "unused",
-                              api_keys=API_KEYS, upload_ttl_s=1)
-    with ThreadedStack(settings, workers=0) as s, grpc.insecure_channel(s.target) as channel:
+    with stack_factory(workers=0, api_keys=API_KEYS, upload_ttl_s=1) as s, \
+            grpc.insecure_channel(s.target) as channel:
         yield s, pb_grpc.MomentsStub(channel)
+
+
+def expired(s, upload_id: str) -> bool:
+    """The upload's recorded expiry is in the past (what the janitor looks at)."""
+    score = redis.Redis.from_url(s.settings.redis_url).zscore(keys.UPLOADS_BY_EXPIRY, upload_id)
+    return score is not None and score < time.time()
 
 
 def test_abandoned_partial_upload_expires_and_is_removed(short_ttl, videos):
@@ -247,7 +249,7 @@ def test_abandoned_partial_upload_expires_and_is_removed(short_ttl, videos):
     upload_id = start_partial(stub, data, 4096)
     part = s.settings.upload_dir / f"{upload_id}.part"
     assert part.exists()
-    time.sleep(1.2)
+    wait_until(lambda: expired(s, upload_id), "the upload's expiry passed")
     s.run(s.stack.front.uploads.expire_abandoned())
     assert not part.exists()
     with pytest.raises(grpc.RpcError) as err:
@@ -278,7 +280,8 @@ def test_janitor_leaves_an_upload_that_a_stream_is_writing_alone(short_ttl, vide
     thread.start()
     try:
         wait_until(lambda: any(p.stat().st_size >= first for p in part_files(s)), "the first chunk landed")
-        time.sleep(1.5)  # well past the expiry set when the stream started
+        upload_id = next(iter(part_files(s))).stem
+        wait_until(lambda: expired(s, upload_id), "the expiry set when the stream started passed")
         removed = s.run(s.stack.front.uploads.expire_abandoned())
         assert removed == 0
         assert len(part_files(s)) == 1
@@ -293,7 +296,7 @@ def test_janitor_leaves_an_upload_that_a_stream_is_writing_alone(short_ttl, vide
 
 
 @pytest.fixture
-def full_disk(redis_server, tmp_path):
+def full_disk(stack_factory, tmp_path):
     """A front end whose data directory is a real 1 MiB tmpfs."""
     data_dir = tmp_path / "small"
     data_dir.mkdir()
@@ -302,8 +305,8 @@ def full_disk(redis_server, tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
-        settings = stack_settings(redis_server.url, data_dir, "unused", api_keys=API_KEYS)
-        with ThreadedStack(settings, workers=0) as s, grpc.insecure_channel(s.target) as channel:
+        with stack_factory(workers=0, data_dir=data_dir, api_keys=API_KEYS) as s, \
+                grpc.insecure_channel(s.target) as channel:
             yield s, pb_grpc.MomentsStub(channel), data_dir
     finally:
         subprocess.run(["umount", str(data_dir)], check=True)

@@ -12,23 +12,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from moments import errors, jobs, keys
-from moments.config import Settings
-from moments.jobs import Event
-from moments.records import Job, JobStats, VideoInfo
+from moments.core import errors, jobs, keys
+from moments.core.config import Settings
+from moments.core.jobs import Event
+from moments.core.records import EVENT_PROGRESS, EVENT_RESULT, Job, JobStats, QueryResult, VideoInfo, progress_data
 
 log = logging.getLogger(__name__)
 
-RunJob = Callable[[Job, VideoInfo, "JobContext"], Awaitable[JobStats]]
-Affinity = Callable[[Job, VideoInfo], Awaitable["str | None"]]
-"""Names the worker that would serve a job fastest (it holds the job's KV prefix), if any."""
+CALLER_FAULTS = (errors.InvalidArgument, errors.NotFound, errors.FailedPrecondition)
+"""Errors that no retry can fix: the job fails at once with the reason."""
+
+
+class JobHandler(Protocol):
+    """What the loop runs: ``prepare`` (cheap: plan and cache key, once per delivery), an optional
+    affinity hint, then ``run``."""
+
+    def prepare(self, job: Job, info: VideoInfo) -> Any: ...
+
+    async def preferred_worker(self, work: Any) -> "str | None":
+        """The worker that would serve the job fastest (it holds the job's KV prefix), if any."""
+
+    async def run(self, work: Any, ctx: "JobContext") -> JobStats: ...
 
 
 class JobCancelled(Exception):
@@ -47,7 +58,10 @@ class JobContext:
         await self.redis.xadd(keys.job_events(self.job.job_id), Event(kind, data).to_fields())
 
     async def progress(self, stage: str, done: int = 0, total: int = 0, message: str = "") -> None:
-        await self.emit("progress", {"stage": stage, "done": done, "total": total, "message": message})
+        await self.emit(EVENT_PROGRESS, progress_data(stage, done, total, message))
+
+    async def result(self, result: QueryResult) -> None:
+        await self.emit(EVENT_RESULT, result.to_dict())
 
     async def check_cancelled(self) -> None:
         if self.job.deadline_s and time.time() > self.job.deadline_s:
@@ -57,13 +71,13 @@ class JobContext:
 
 
 class JobLoop:
-    """Consumes jobs one at a time and runs them with ``run_job``."""
+    """Consumes jobs one at a time and runs them with ``handler`` (KV-prefix affinity when ``affinity``)."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, run_job: RunJob, name: str,
-                 affinity: Affinity | None = None) -> None:
+    def __init__(self, settings: Settings, redis: aioredis.Redis, handler: JobHandler, name: str, *,
+                 affinity: bool = False) -> None:
         self.settings = settings
         self.redis = redis
-        self.run_job = run_job
+        self.handler = handler
         self.name = name
         self.affinity = affinity
         self.handed_over = 0
@@ -84,7 +98,7 @@ class JobLoop:
                 entry = await self._next_entry()
                 if entry is not None:
                     await self._handle(*entry)
-                if self.affinity is not None and not self._stopping.is_set():
+                if self.affinity and not self._stopping.is_set():
                     await self._drain_own_pending()  # jobs other workers handed to us
         finally:
             beat.cancel()
@@ -130,7 +144,7 @@ class JobLoop:
                 return entry_id, fields
             reply = await self.redis.xreadgroup(
                 keys.JOBS_GROUP, self.name, {keys.JOBS_STREAM: ">"}, count=1,
-                block=250 if self.affinity is not None else 1000,
+                block=250 if self.affinity else 1000,
             )
         except (RedisConnectionError, RedisTimeoutError, OSError):
             log.warning("Redis unreachable; retrying in 1 s")
@@ -152,7 +166,15 @@ class JobLoop:
             await self._ack(entry_id)
             return
         job = Job.from_json(raw[b"payload"])
-        if self.affinity is not None and b"handed_to" not in raw and await self._hand_over(entry_id, job):
+        try:
+            info_raw = await self.redis.hgetall(keys.video(job.video_id))
+            if not info_raw:
+                raise errors.NotFound(f"video {job.video_id} was deleted")
+            work = self.handler.prepare(job, VideoInfo.from_redis(info_raw))
+        except CALLER_FAULTS as exc:
+            await self._fail(entry_id, job, str(exc))
+            return
+        if self.affinity and b"handed_to" not in raw and await self._hand_over(entry_id, job, work):
             return
         attempt = await self.redis.hincrby(keys.job(job_id), "attempts", 1)
         if attempt > self.settings.job_max_attempts:
@@ -168,10 +190,7 @@ class JobLoop:
         context = JobContext(self.redis, job, attempt)
         try:
             await context.check_cancelled()
-            info_raw = await self.redis.hgetall(keys.video(job.video_id))
-            if not info_raw:
-                raise errors.NotFound(f"video {job.video_id} was deleted")
-            stats = await self.run_job(job, VideoInfo.from_redis(info_raw), context)
+            stats = await self.handler.run(work, context)
         except JobCancelled as exc:
             await self._fail(entry_id, job, str(exc))
             return
@@ -179,10 +198,10 @@ class JobLoop:
             log.critical("job %s hit a fatal device error; leaving the group", job_id)
             self.stop()
             raise
-        except (errors.MomentsError, ValueError) as exc:
+        except CALLER_FAULTS as exc:
             await self._fail(entry_id, job, str(exc))
             return
-        except Exception as exc:  # noqa: BLE001 - a model error fails the job, not the worker
+        except Exception as exc:  # noqa: BLE001 - a model error (or a bug) fails the job, not the worker
             log.exception("job %s attempt %d failed", job_id, attempt)
             await self._retry_or_fail(entry_id, job, attempt, f"{type(exc).__name__}: {exc}")
             return
@@ -198,11 +217,10 @@ class JobLoop:
         log.info("job %s done video=%s in %.0f ms (cache %s)", job_id, job.video_id,
                  stats.stage_ms["total"], stats.cache)
 
-    async def _hand_over(self, entry_id, job: Job) -> bool:
+    async def _hand_over(self, entry_id, job: Job, work: Any) -> bool:
         """Give the entry to the idle, live worker holding the job's KV prefix (once per job)."""
         try:
-            info_raw = await self.redis.hgetall(keys.video(job.video_id))
-            target = await self.affinity(job, VideoInfo.from_redis(info_raw)) if info_raw else None
+            target = await self.handler.preferred_worker(work)
         except Exception:  # noqa: BLE001 - affinity is a hint; run the job here
             log.warning("affinity lookup failed for job %s", job.job_id, exc_info=True)
             return False
@@ -257,7 +275,7 @@ class JobLoop:
             pipe.xadd(keys.job_events(job.job_id), Event(state, data).to_fields())
             pipe.expire(keys.job(job.job_id), jobs.EVENTS_TTL_S)
             pipe.expire(keys.job_events(job.job_id), jobs.EVENTS_TTL_S)
-            pipe.zrem(jobs.OPEN_JOBS, job.job_id)
+            pipe.zrem(keys.OPEN_JOBS, job.job_id)
             if dedupe:
                 pipe.delete(dedupe.decode())
             pipe.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)

@@ -8,42 +8,48 @@ import os
 import signal
 import socket
 
-import redis.asyncio as aioredis
-
-from moments import errors
-from moments.config import Settings
-from workers.engine import Engine
-from workers.faults import maybe_faulty
-from workers.job_loop import JobLoop
-from workers.kv_cache import KVPrefixCache
-from workers.pipeline import Pipeline
-from workers.token_cache import TokenCache
+from moments.core import errors
+from moments.core.blobs import open_blob_store
+from moments.core.config import Settings
+from moments.core.redis_client import connect
+from moments.workers.job_loop import JobLoop
+from moments.workers.kv_cache import KVPrefixCache
+from moments.workers.model.engine import Engine, EngineOptions
+from moments.workers.pipeline import Pipeline
+from moments.workers.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 EXIT_FATAL_DEVICE = 3
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    """The engine options ``settings`` ask for (the fast paths stay off where the device has none)."""
+    return EngineOptions(device=settings.device, dtype=settings.dtype,
+                         attn_implementation=settings.attn_implementation,
+                         fast_decode=None if settings.fast_decode else False,
+                         compile=None if settings.compile else False,
+                         fused_prefill=None if settings.fused_prefill else False)
+
+
+def load_engine(settings: Settings) -> Engine:
+    return Engine.load(settings.model, engine_options(settings))
 
 
 async def run_worker(settings: Settings, engine: Engine | None = None, *, ready: asyncio.Event | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT (finishes the job in hand); returns the exit code."""
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     if engine is None:
-        engine = await asyncio.to_thread(
-            Engine.load, settings.model, device=settings.device, dtype=settings.dtype,
-            attn_implementation=settings.attn_implementation,
-            fast_decode=None if settings.fast_decode else False,  # None: on where the device allows
-            compile=settings.compile, fused_prefill=settings.fused_prefill,
-        )
-    engine = maybe_faulty(engine)
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=30.0)
+        engine = await asyncio.to_thread(load_engine, settings)
+    redis = connect(settings.redis_url, socket_timeout_s=30.0)
     pipeline = Pipeline(
         settings,
         engine,
         TokenCache(redis, ttl_s=settings.token_cache_ttl_s, chunk_bytes=settings.token_cache_chunk_bytes),
         KVPrefixCache(settings.kv_cache_bytes),
+        open_blob_store(settings),
         owner=name,
     )
-    loop = JobLoop(settings, redis, pipeline.run, name,
-                   affinity=pipeline.preferred_worker if settings.kv_affinity else None)
+    loop = JobLoop(settings, redis, pipeline, name, affinity=settings.kv_affinity)
     running = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

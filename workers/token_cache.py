@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import json
 import logging
 import time
@@ -19,11 +20,12 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 import torch
 
-from moments import keys
+from moments.core import keys, token_index
+from moments.core.locks import RedisLock
 
 if TYPE_CHECKING:
-    from workers.engine import VisualTokens
-    from workers.sampling import SamplingPlan
+    from moments.media.sampling import SamplingPlan
+    from moments.workers.model.engine import VisualTokens
 
 log = logging.getLogger(__name__)
 LOCK_TTL_S = 30
@@ -47,7 +49,7 @@ class TokenCache:
         self.chunk_bytes = chunk_bytes
 
     async def get(self, key: str) -> "VisualTokens | None":
-        from workers.engine import VisualTokens
+        from moments.workers.model.engine import VisualTokens
 
         raw = await self.redis.get(keys.token_cache_manifest(key))
         if raw is None:
@@ -99,13 +101,12 @@ class TokenCache:
             "sha256": hashlib.sha256(data).hexdigest(),
             "created_s": time.time(),
         }
-        names = [keys.token_cache_chunk(key, i) for i in range(len(chunks))]
+        names = token_index.entry_names(key, len(chunks))
         async with self.redis.pipeline(transaction=True) as pipe:
-            for name, chunk in zip(names, chunks):
+            for name, chunk in zip(names[1:], chunks):
                 pipe.set(name, chunk, ex=self.ttl_s)
-            pipe.set(keys.token_cache_manifest(key), json.dumps(manifest), ex=self.ttl_s)
-            pipe.sadd(keys.video_token_keys(video_id), keys.token_cache_manifest(key), *names)
-            pipe.expire(keys.video_token_keys(video_id), self.ttl_s)
+            pipe.set(names[0], json.dumps(manifest), ex=self.ttl_s)
+            token_index.index(pipe, video_id, key, names, self.ttl_s)
             await pipe.execute()
         log.info("token cache stored %s: %d tokens, %.1f MiB in %d chunks", key,
                  embeds.shape[0], len(data) / 2**20, len(chunks))
@@ -116,17 +117,10 @@ class TokenCache:
             names.append(name)
         await self.redis.delete(*names)
 
-    async def lock(self, key: str, owner: str) -> bool:
-        """Try to become the one worker that encodes ``key``."""
-        return bool(await self.redis.set(keys.token_cache_lock(key), owner, nx=True, ex=LOCK_TTL_S))
-
-    async def refresh_lock(self, key: str, owner: str) -> None:
-        if (await self.redis.get(keys.token_cache_lock(key))) == owner.encode():
-            await self.redis.expire(keys.token_cache_lock(key), LOCK_TTL_S)
-
-    async def unlock(self, key: str, owner: str) -> None:
-        if (await self.redis.get(keys.token_cache_lock(key))) == owner.encode():
-            await self.redis.delete(keys.token_cache_lock(key))
+    def encode_lock(self, key: str, owner: str) -> RedisLock:
+        """The lock of the one worker that encodes ``key`` (its token names the worker)."""
+        return RedisLock(self.redis, keys.token_cache_lock(key), LOCK_TTL_S,
+                         token=f"{owner}:{secrets.token_hex(8)}")
 
     async def wait_for_other(self, key: str, poll_s: float = 0.2) -> "VisualTokens | None":
         """Wait while another worker holds the lock; its entry, or None if it died without one."""

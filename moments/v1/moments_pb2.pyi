@@ -28,6 +28,7 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PREFILLING: _ClassVar[Stage]
     GENERATING: _ClassVar[Stage]
     DONE: _ClassVar[Stage]
+    SEARCHING: _ClassVar[Stage]
 CACHE_OUTCOME_UNSPECIFIED: CacheOutcome
 CACHE_MISS: CacheOutcome
 CACHE_HIT_TOKENS: CacheOutcome
@@ -40,6 +41,7 @@ ENCODING: Stage
 PREFILLING: Stage
 GENERATING: Stage
 DONE: Stage
+SEARCHING: Stage
 
 class UploadHeader(_message.Message):
     __slots__ = ("size_bytes", "sha256", "filename", "content_type", "upload_id")
@@ -187,17 +189,43 @@ class IndexVideoRequest(_message.Message):
     sampling: SamplingOptions
     def __init__(self, video_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
 
+class SearchOptions(_message.Message):
+    __slots__ = ("mode", "min_event", "max_rounds", "max_passes", "max_visual_tokens")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        MODE_UNSPECIFIED: _ClassVar[SearchOptions.Mode]
+        OFF: _ClassVar[SearchOptions.Mode]
+        AUTO: _ClassVar[SearchOptions.Mode]
+    MODE_UNSPECIFIED: SearchOptions.Mode
+    OFF: SearchOptions.Mode
+    AUTO: SearchOptions.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MIN_EVENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PASSES_FIELD_NUMBER: _ClassVar[int]
+    MAX_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    mode: SearchOptions.Mode
+    min_event: _duration_pb2.Duration
+    max_rounds: int
+    max_passes: int
+    max_visual_tokens: int
+    def __init__(self, mode: _Optional[_Union[SearchOptions.Mode, str]] = ..., min_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_rounds: _Optional[int] = ..., max_passes: _Optional[int] = ..., max_visual_tokens: _Optional[int] = ...) -> None: ...
+
 class LocalizeRequest(_message.Message):
-    __slots__ = ("video_id", "queries", "sampling", "max_new_tokens")
+    __slots__ = ("video_id", "queries", "sampling", "max_new_tokens", "min_confidence", "search")
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
     video_id: str
     queries: _containers.RepeatedScalarFieldContainer[str]
     sampling: SamplingOptions
     max_new_tokens: int
-    def __init__(self, video_id: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    min_confidence: float
+    search: SearchOptions
+    def __init__(self, video_id: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., search: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("start_offset", "end_offset", "confidence")
@@ -210,19 +238,23 @@ class Segment(_message.Message):
     def __init__(self, start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class QueryResult(_message.Message):
-    __slots__ = ("query_index", "query", "segments", "raw_answer")
+    __slots__ = ("query_index", "query", "segments", "raw_answer", "found", "score")
     QUERY_INDEX_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     RAW_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     query_index: int
     query: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     raw_answer: str
-    def __init__(self, query_index: _Optional[int] = ..., query: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., raw_answer: _Optional[str] = ...) -> None: ...
+    found: bool
+    score: float
+    def __init__(self, query_index: _Optional[int] = ..., query: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., raw_answer: _Optional[str] = ..., found: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
 
 class JobStats(_message.Message):
-    __slots__ = ("sampled_fps", "frames", "visual_tokens", "frame_width", "frame_height", "cache", "stage_ms", "worker", "model", "attempt")
+    __slots__ = ("sampled_fps", "frames", "visual_tokens", "frame_width", "frame_height", "cache", "stage_ms", "worker", "model", "attempt", "effective_sampling", "rounds", "passes", "total_visual_tokens")
     class StageMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +272,10 @@ class JobStats(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     sampled_fps: float
     frames: int
     visual_tokens: int
@@ -250,7 +286,11 @@ class JobStats(_message.Message):
     worker: str
     model: str
     attempt: int
-    def __init__(self, sampled_fps: _Optional[float] = ..., frames: _Optional[int] = ..., visual_tokens: _Optional[int] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., cache: _Optional[_Union[CacheOutcome, str]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., model: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    effective_sampling: SamplingOptions
+    rounds: int
+    passes: int
+    total_visual_tokens: int
+    def __init__(self, sampled_fps: _Optional[float] = ..., frames: _Optional[int] = ..., visual_tokens: _Optional[int] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., cache: _Optional[_Union[CacheOutcome, str]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., model: _Optional[str] = ..., attempt: _Optional[int] = ..., effective_sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., rounds: _Optional[int] = ..., passes: _Optional[int] = ..., total_visual_tokens: _Optional[int] = ...) -> None: ...
 
 class LocalizeResponse(_message.Message):
     __slots__ = ("job_id", "results", "stats")
@@ -275,13 +315,15 @@ class JobEvent(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[QueryResult, _Mapping]] = ..., done: _Optional[_Union[JobStats, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("stage", "done", "total", "message")
+    __slots__ = ("stage", "done", "total", "message", "round")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     stage: Stage
     done: int
     total: int
     message: str
-    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., message: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...

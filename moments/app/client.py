@@ -1,0 +1,262 @@
+"""Python client for Moments (sync and asyncio), used by the CLI.
+
+Uploads resume by themselves: the client remembers each file's upload id (by sha256) and, after a
+cut stream or a FAILED_PRECONDITION, continues from the server's committed offset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence
+
+import grpc
+
+from moments.core.records import SamplingRequest
+from moments.v1 import moments_pb2 as pb
+from moments.v1 import moments_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+CHUNK_BYTES = 1024 * 1024
+DEFAULT_STATE = "~/.cache/moments/uploads.json"
+"""Where the client remembers the upload id of each unfinished file (by sha256), to resume it."""
+Progress = Callable[[int, int], None]
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION,
+             grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(4 * 1024 * 1024):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+class ResumeState:
+    """sha256 -> upload id of unfinished uploads, in a small JSON file (written atomically)."""
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_STATE) -> None:
+        self.path = Path(path).expanduser()
+
+    def load(self) -> dict[str, str]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def remember(self, sha256: str, upload_id: str | None) -> None:
+        state = self.load()
+        if upload_id:
+            state[sha256] = upload_id
+        else:
+            state.pop(sha256, None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path)
+
+
+def upload_messages(
+    path: Path, header: pb.UploadHeader, offset: int, progress: Progress | None, size: int
+) -> Iterator[pb.UploadVideoRequest]:
+    yield pb.UploadVideoRequest(header=header)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(CHUNK_BYTES):
+            yield pb.UploadVideoRequest(chunk=pb.UploadChunk(offset=offset, data=block))
+            offset += len(block)
+            if progress:
+                progress(offset, size)
+
+
+def localize_request(
+    video_id: str, queries: Sequence[str], sampling: SamplingRequest | None, max_new_tokens: int
+) -> pb.LocalizeRequest:
+    return pb.LocalizeRequest(
+        video_id=video_id,
+        queries=list(queries),
+        sampling=(sampling or SamplingRequest()).to_pb(),
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+def _metadata(api_key: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {api_key}")] if api_key else []
+
+
+def _credentials(root_ca: bytes | None, cert: bytes | None, key: bytes | None):
+    return grpc.ssl_channel_credentials(root_ca, key, cert)
+
+
+class MomentsClient:
+    """Blocking client."""
+
+    def __init__(self, target: str, *, api_key: str | None = None, tls_root_ca: bytes | None = None,
+                 tls_cert: bytes | None = None, tls_key: bytes | None = None,
+                 state_path: str | os.PathLike | None = None) -> None:
+        if tls_root_ca is not None:
+            self.channel = grpc.secure_channel(target, _credentials(tls_root_ca, tls_cert, tls_key),
+                                               options=channel_options())
+        else:
+            self.channel = grpc.insecure_channel(target, options=channel_options())
+        self.stub = pb_grpc.MomentsStub(self.channel)
+        self.metadata = _metadata(api_key)
+        self.resume = ResumeState(state_path or DEFAULT_STATE)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "MomentsClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def upload(self, path: str | Path, *, progress: Progress | None = None, max_attempts: int = 5,
+               timeout_s: float | None = None) -> pb.UploadVideoResponse:
+        """Upload a file, resuming an earlier interrupted upload of the same bytes."""
+        path = Path(path)
+        sha256, size = file_digest(path)
+        error: grpc.RpcError | None = None
+        for attempt in range(max_attempts):
+            upload_id = self.resume.load().get(sha256, "")
+            offset = 0
+            if upload_id:
+                try:
+                    offset = self.stub.GetUpload(pb.GetUploadRequest(upload_id=upload_id),
+                                                 metadata=self.metadata).committed_bytes
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    upload_id = ""
+                    self.resume.remember(sha256, None)
+            header = pb.UploadHeader(size_bytes=size, sha256=sha256, filename=path.name,
+                                     content_type="video/*", upload_id=upload_id)
+            try:
+                response, call = self.stub.UploadVideo.with_call(
+                    upload_messages(path, header, offset, progress, size),
+                    metadata=self.metadata, timeout=timeout_s,
+                )
+                self.resume.remember(sha256, None)
+                return response
+            except grpc.RpcError as exc:
+                error = exc
+                remembered = _upload_id_from(exc)
+                if remembered:
+                    self.resume.remember(sha256, remembered)
+                if exc.code() not in RETRYABLE:
+                    raise
+                log.warning("upload interrupted (%s); resuming", exc.code().name)
+                time.sleep(min(0.2 * 2**attempt, 5.0))  # e.g. the server is still closing a cut stream
+        assert error is not None
+        raise error
+
+    def localize(self, video_id: str, queries: Sequence[str], *, sampling: SamplingRequest | None = None,
+                 max_new_tokens: int = 0, timeout_s: float | None = None) -> pb.LocalizeResponse:
+        return self.stub.Localize(localize_request(video_id, queries, sampling, max_new_tokens),
+                                  metadata=self.metadata, timeout=timeout_s)
+
+    def stream_localize(self, video_id: str, queries: Sequence[str], *,
+                        sampling: SamplingRequest | None = None, max_new_tokens: int = 0,
+                        timeout_s: float | None = None) -> Iterable[pb.JobEvent]:
+        return self.stub.StreamLocalize(localize_request(video_id, queries, sampling, max_new_tokens),
+                                        metadata=self.metadata, timeout=timeout_s)
+
+    def index(self, video_id: str, *, sampling: SamplingRequest | None = None,
+              timeout_s: float | None = None) -> Iterable[pb.JobEvent]:
+        request = pb.IndexVideoRequest(video_id=video_id, sampling=(sampling or SamplingRequest()).to_pb())
+        return self.stub.IndexVideo(request, metadata=self.metadata, timeout=timeout_s)
+
+    def get_video(self, video_id: str) -> pb.Video:
+        return self.stub.GetVideo(pb.GetVideoRequest(video_id=video_id), metadata=self.metadata)
+
+    def list_videos(self) -> Iterator[pb.Video]:
+        token = ""
+        while True:
+            page = self.stub.ListVideos(pb.ListVideosRequest(page_size=100, page_token=token),
+                                        metadata=self.metadata)
+            yield from page.videos
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete_video(self, video_id: str) -> pb.DeleteVideoResponse:
+        return self.stub.DeleteVideo(pb.DeleteVideoRequest(video_id=video_id), metadata=self.metadata)
+
+
+class AsyncMomentsClient:
+    """asyncio client (``grpc.aio``)."""
+
+    def __init__(self, target: str, *, api_key: str | None = None) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self.stub = pb_grpc.MomentsStub(self.channel)
+        self.metadata = _metadata(api_key)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncMomentsClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def upload_bytes(self, data: bytes, filename: str = "video.mp4",
+                           timeout_s: float | None = None) -> pb.UploadVideoResponse:
+        sha256 = hashlib.sha256(data).hexdigest()
+
+        async def messages() -> AsyncIterator[pb.UploadVideoRequest]:
+            yield pb.UploadVideoRequest(header=pb.UploadHeader(
+                size_bytes=len(data), sha256=sha256, filename=filename, content_type="video/*"))
+            for offset in range(0, len(data), CHUNK_BYTES):
+                yield pb.UploadVideoRequest(
+                    chunk=pb.UploadChunk(offset=offset, data=data[offset: offset + CHUNK_BYTES]))
+
+        return await self.stub.UploadVideo(messages(), metadata=self.metadata, timeout=timeout_s)
+
+    async def localize(self, video_id: str, queries: Sequence[str], *,
+                       sampling: SamplingRequest | None = None, max_new_tokens: int = 0,
+                       timeout_s: float | None = None) -> pb.LocalizeResponse:
+        return await self.stub.Localize(localize_request(video_id, queries, sampling, max_new_tokens),
+                                        metadata=self.metadata, timeout=timeout_s)
+
+    def stream_localize(self, video_id: str, queries: Sequence[str], *,
+                        sampling: SamplingRequest | None = None, max_new_tokens: int = 0,
+                        timeout_s: float | None = None):
+        return self.stub.StreamLocalize(localize_request(video_id, queries, sampling, max_new_tokens),
+                                        metadata=self.metadata, timeout=timeout_s)
+
+    async def get_video(self, video_id: str) -> pb.Video:
+        return await self.stub.GetVideo(pb.GetVideoRequest(video_id=video_id), metadata=self.metadata)
+
+    async def delete_video(self, video_id: str) -> pb.DeleteVideoResponse:
+        return await self.stub.DeleteVideo(pb.DeleteVideoRequest(video_id=video_id), metadata=self.metadata)
+
+
+def _upload_id_from(exc: grpc.RpcError) -> str:
+    from grpc_status import rpc_status
+    from google.rpc import error_details_pb2
+
+    try:
+        status = rpc_status.from_call(exc)
+    except Exception:  # noqa: BLE001 - not a rich status
+        return ""
+    if status is None:
+        return ""
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+            return info.metadata.get("upload_id", "")
+    return ""

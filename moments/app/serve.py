@@ -1,0 +1,143 @@
+"""``moments serve``: the front end, worker processes and (without a Redis URL) a private Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from moments.core import keys
+from moments.core.config import DEFAULT_MODEL, Settings
+from moments.app.redis_server import PrivateRedis
+
+log = logging.getLogger(__name__)
+
+
+def weights_available(model: str) -> bool:
+    """True for a local checkpoint directory or a hub id already in the local cache."""
+    if Path(model, "config.json").exists():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # noqa: BLE001 - no hub library or a malformed id
+        return False
+
+
+def demo_model_dir(settings: Settings) -> Path:
+    """The project's tiny model: the shipped trained grounder if present, else one built now."""
+    from moments.tools import GROUNDER_DIR
+
+    if (GROUNDER_DIR / "config.json").exists():
+        return GROUNDER_DIR
+    out = settings.data_path / "tiny-model"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "moments.tools.tiny_model", str(out)], check=True)
+    return out
+
+
+class Stack:
+    """Everything ``moments serve`` runs, as a context for the CLI, the demo and tests."""
+
+    def __init__(self, settings: Settings, *, workers: int = 1,
+                 worker_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.worker_count = workers
+        self.worker_env = worker_env
+        self.redis: PrivateRedis | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.front = None
+
+    async def __aenter__(self) -> "Stack":
+        self.settings.data_path.mkdir(parents=True, exist_ok=True)
+        if not self.settings.redis_url:
+            self.redis = PrivateRedis(self.settings.data_path / "redis")
+            self.settings = self.settings.replace(redis_url=self.redis.start())
+            log.info("private redis-server at %s", self.settings.redis_url)
+        for i in range(self.worker_count):
+            self.start_worker(i)
+        from moments.service.server import start_front_end
+
+        self.front = await start_front_end(self.settings)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def target(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.front.port}"
+
+    def start_worker(self, index: int, **setting_overrides) -> subprocess.Popen:
+        """Start worker process ``index`` with the stack's settings (``setting_overrides`` changed)."""
+        settings = self.settings.replace(**setting_overrides)
+        env = {**os.environ, **_settings_env(settings),
+               "MOMENTS_WORKER_NAME": f"worker-{index}-{time.monotonic_ns()}", **(self.worker_env or {})}
+        proc = subprocess.Popen([sys.executable, "-m", "moments.app.cli", "worker"], env=env)
+        self.workers.append(proc)
+        return proc
+
+    def wait_for_workers(self, count: int | None = None, timeout_s: float = 180.0) -> None:
+        """Block until ``count`` workers heartbeat (model loaded), or raise."""
+        want = self.worker_count if count is None else count
+        client = redis.Redis.from_url(self.settings.redis_url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            beats = client.hgetall(keys.WORKERS_HASH)
+            now = time.time()
+            if sum(1 for v in beats.values() if now - float(v) < self.settings.worker_stale_s) >= want:
+                return
+            dead = [p for p in self.workers if p.poll() is not None]
+            if len(dead) == len(self.workers):
+                raise RuntimeError(f"every worker exited (codes {[p.returncode for p in dead]})")
+            time.sleep(0.2)
+        raise TimeoutError(f"{want} workers did not start within {timeout_s} s")
+
+    async def close(self) -> None:
+        if self.front is not None:
+            await self.front.stop(grace_s=5.0)
+            self.front = None
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.workers.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name, value in settings.__dict__.items():
+        env[f"MOMENTS_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["MOMENTS_DATA_DIR"] = str(settings.data_path)
+    return env
+
+
+async def serve_forever(settings: Settings, workers: int) -> None:
+    if settings.model == DEFAULT_MODEL and not weights_available(settings.model):
+        log.warning("weights of %s are not in the local cache; the worker will download them",
+                    settings.model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Stack(settings, workers=workers) as stack:
+        print(f"Moments listening on {stack.target} (redis {stack.settings.redis_url})", flush=True)
+        await stop.wait()
+        print("shutting down: draining calls in flight", flush=True)

@@ -1,0 +1,127 @@
+"""One typed settings object for the front end, the workers and the CLI.
+
+Every field reads from an environment variable ``MOMENTS_<FIELD>`` (upper case) and may be
+overridden by a CLI flag of the same name (``--field-name``). The README's configuration table
+is generated from the ``help`` of each field (``moments config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct-AWQ"
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Settings:
+    """Settings shared by every Moments process."""
+
+    redis_url: str = _setting("", "Redis URL; empty starts a private redis-server (serve/demo only)")
+    data_dir: str = _setting("./var", "Blob store, upload temp files and private Redis live here")
+    listen: str = _setting("127.0.0.1:50051", "gRPC listen address of the front end")
+    metrics_port: int = _setting(0, "Prometheus metrics HTTP port (0 = off)")
+    api_keys: str = _setting(
+        "",
+        "Comma list of tenant:sha256(key)[:rate_per_s[:max_concurrent]]; empty = no auth",
+    )
+    tls_cert: str = _setting("", "PEM server certificate (TLS on when set)")
+    tls_key: str = _setting("", "PEM server private key")
+    tls_client_ca: str = _setting("", "PEM CA for client certificates (mTLS on when set)")
+    max_upload_bytes: int = _setting(8 * 1024**3, "Largest accepted upload")
+    max_duration_s: float = _setting(4 * 3600.0, "Longest accepted video")
+    max_pixels_per_frame: int = _setting(8192 * 8192, "Largest accepted frame (width x height)")
+    max_queries: int = _setting(16, "Most queries in one Localize request")
+    max_query_chars: int = _setting(500, "Longest accepted query")
+    max_queue_jobs: int = _setting(256, "Jobs waiting before new calls get RESOURCE_EXHAUSTED")
+    upload_ttl_s: int = _setting(24 * 3600, "Abandoned partial uploads are removed after this")
+    job_timeout_s: float = _setting(600.0, "Deadline for a Localize call that sets none")
+    job_lease_s: float = _setting(60.0, "A job idle this long (no heartbeat) is reclaimed")
+    worker_stale_s: float = _setting(10.0, "No worker heartbeat for this long: calls get UNAVAILABLE")
+    job_max_attempts: int = _setting(3, "Deliveries before a job goes to the dead-letter stream")
+    allow_networks: str = _setting(
+        "", "Comma list of networks (CIDR) that outbound URLs (ingest, webhooks) may reach despite being "
+            "private, loopback or link-local; empty = public addresses only")
+    probe_timeout_s: float = _setting(30.0, "Time limit of the child process that probes a file")
+    probe_memory_bytes: int = _setting(2 * 1024**3, "Address-space limit of the probe child")
+    model: str = _setting(DEFAULT_MODEL, "Hub id or local directory of the Qwen2.5-VL checkpoint")
+    device: str = _setting("auto", "Torch device for the worker (auto, cpu, cuda, cuda:1)")
+    dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    attn_implementation: str = _setting("sdpa", "sdpa, eager or flash_attention_2")
+    fast_decode: bool = _setting(True, "CUDA only: static KV buffer + CUDA-graph decode steps")
+    compile: bool = _setting(True, "CUDA only: torch.compile the fused vision blocks and prefill")
+    fused_prefill: bool = _setting(True, "CUDA only: fused prefix prefill (plain Linear layers)")
+    budget_tokens: int = _setting(24576, "Default visual-token budget per video")
+    max_budget_tokens: int = _setting(115200, "Largest visual-token budget a request may ask for")
+    max_frames: int = _setting(768, "Most sampled frames per video (default and cap)")
+    max_fps: float = _setting(2.0, "Highest sampled frame rate, default and cap (plans use 2/k fps)")
+    max_new_tokens: int = _setting(64, "Most generated tokens per answer")
+    decode_backend: str = _setting("auto", "auto, pyav or decord")
+    decode_threads: int = _setting(0, "Chunks of one video decoded in parallel (0 = one per core, at most 8)")
+    token_cache_ttl_s: int = _setting(7 * 24 * 3600, "TTL of cached visual tokens in Redis")
+    token_cache_chunk_bytes: int = _setting(8 * 1024**2, "Chunk size of cached visual tokens")
+    kv_cache_bytes: int = _setting(4 * 1024**3, "Worker memory for hot KV prefixes (0 = off)")
+    kv_affinity: bool = _setting(True, "Hand a job to the idle worker holding its KV prefix")
+    worker_name: str = _setting("", "Consumer name in the job group (default host-pid)")
+    log_json: bool = _setting(False, "JSON log lines")
+    log_level: str = _setting("INFO", "Log level")
+    target: str = _setting("127.0.0.1:50051", "Front end address for the client commands (upload, ask, ...)")
+    api_key: str = _setting("", "API key the client commands send (never logged)")
+    client_state: str = _setting("~/.cache/moments/uploads.json", "Where the client remembers unfinished uploads")
+    faults: str = _setting("", "Fault injection for tests and drills (JSON, see moments.tools.faults); never in production")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from ``MOMENTS_*`` variables, then explicit overrides (CLI flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"MOMENTS_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.type, raw, f.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_path / "blobs"
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.data_path / "uploads"
+
+
+def _parse(type_name: Any, raw: str, name: str) -> Any:
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "str")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+    except ValueError as exc:
+        raise ValueError(f"MOMENTS_{name.upper()}={raw!r}: {exc}") from exc
+    return raw
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, for the README."""
+    rows = ["| env var | default | meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        rows.append(f"| `MOMENTS_{f.name.upper()}` | `{f.default!r}` | {f.metadata['help']} |")
+    return "\n".join(rows)

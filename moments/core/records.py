@@ -1,0 +1,374 @@
+"""Domain records shared by the front end and the workers.
+
+Each record owns its conversions: ``to_pb``/``from_pb`` for the public API and
+``to_json``/``from_json`` for Redis. Nothing else reads ``*_pb2`` fields.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from moments.core import errors
+from moments.v1 import moments_pb2 as pb
+
+if TYPE_CHECKING:
+    from moments.core.config import Settings
+
+
+def duration_pb(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(round(seconds * 1e9)))
+    return d
+
+
+def duration_s(d: Duration) -> float:
+    return d.ToNanoseconds() / 1e9
+
+
+def timestamp_pb(unix_s: float) -> Timestamp:
+    t = Timestamp()
+    t.FromNanoseconds(int(unix_s * 1e9))
+    return t
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What a caller asked for; zero means the server default. Resolved into a plan by workers."""
+
+    max_fps: float = 0.0
+    max_frames: int = 0
+    budget_tokens: int = 0
+    start_s: float | None = None
+    end_s: float | None = None
+
+    @classmethod
+    def from_pb(cls, m: pb.SamplingOptions) -> "SamplingRequest":
+        return cls(
+            max_fps=m.max_fps,
+            max_frames=m.max_frames,
+            budget_tokens=m.budget_tokens,
+            start_s=duration_s(m.start_offset) if m.HasField("start_offset") else None,
+            end_s=duration_s(m.end_offset) if m.HasField("end_offset") else None,
+        )
+
+    def with_defaults(self, settings: "Settings") -> "SamplingRequest":
+        """This request with the server's defaults in its zero fields (what a job carries and is keyed by)."""
+        return replace(self, max_fps=self.max_fps or settings.max_fps,
+                       max_frames=self.max_frames or settings.max_frames,
+                       budget_tokens=self.budget_tokens or settings.budget_tokens)
+
+    def to_pb(self) -> pb.SamplingOptions:
+        m = pb.SamplingOptions(
+            max_fps=self.max_fps, max_frames=self.max_frames, budget_tokens=self.budget_tokens
+        )
+        if self.start_s is not None:
+            m.start_offset.CopyFrom(duration_pb(self.start_s))
+        if self.end_s is not None:
+            m.end_offset.CopyFrom(duration_pb(self.end_s))
+        return m
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Probed facts of a stored video file."""
+
+    video_id: str
+    size_bytes: int
+    duration_s: float
+    native_fps: float
+    width: int
+    height: int
+    codec: str
+    container: str
+    variable_frame_rate: bool = False
+    rotation_degrees: int = 0
+    frame_count: int = 0
+    start_time_s: float = 0.0
+    bit_rate: int = 0
+    filename: str = ""
+    create_time_s: float = 0.0
+
+    def to_pb(self) -> pb.Video:
+        return pb.Video(
+            video_id=self.video_id,
+            filename=self.filename,
+            size_bytes=self.size_bytes,
+            duration=duration_pb(self.duration_s),
+            native_fps=self.native_fps,
+            variable_frame_rate=self.variable_frame_rate,
+            width=self.width,
+            height=self.height,
+            codec=self.codec,
+            container=self.container,
+            rotation_degrees=self.rotation_degrees,
+            frame_count=self.frame_count,
+            create_time=timestamp_pb(self.create_time_s),
+        )
+
+    def to_redis(self) -> dict[str, str]:
+        return {k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_redis(cls, h: dict[Any, Any]) -> "VideoInfo":
+        decoded = {_s(k): json.loads(_s(v)) for k, v in h.items()}
+        known = {k: v for k, v in decoded.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A span where a query's event happens, in seconds from the start of the video."""
+
+    start_s: float
+    end_s: float
+    confidence: float = 0.0
+
+    @classmethod
+    def from_pb(cls, m: pb.Segment) -> "Segment":
+        return cls(duration_s(m.start_offset), duration_s(m.end_offset), m.confidence)
+
+    def to_pb(self) -> pb.Segment:
+        return pb.Segment(
+            start_offset=duration_pb(self.start_s),
+            end_offset=duration_pb(self.end_s),
+            confidence=self.confidence,
+        )
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query_index: int
+    query: str
+    segments: tuple[Segment, ...]
+    raw_answer: str
+
+    def to_pb(self) -> pb.QueryResult:
+        return pb.QueryResult(
+            query_index=self.query_index,
+            query=self.query,
+            segments=[s.to_pb() for s in self.segments],
+            raw_answer=self.raw_answer,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query_index": self.query_index,
+            "query": self.query,
+            "segments": [asdict(s) for s in self.segments],
+            "raw_answer": self.raw_answer,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QueryResult":
+        return cls(
+            query_index=d["query_index"],
+            query=d["query"],
+            segments=tuple(Segment(**s) for s in d["segments"]),
+            raw_answer=d["raw_answer"],
+        )
+
+
+CACHE_OUTCOMES = {
+    "miss": pb.CACHE_MISS,
+    "tokens": pb.CACHE_HIT_TOKENS,
+    "kv": pb.CACHE_HIT_KV,
+    "bypassed": pb.CACHE_BYPASSED,
+}
+
+
+@dataclass
+class JobStats:
+    sampled_fps: float = 0.0
+    frames: int = 0
+    visual_tokens: int = 0
+    frame_width: int = 0
+    frame_height: int = 0
+    cache: str = ""
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
+    model: str = ""
+    attempt: int = 0
+
+    def to_pb(self) -> pb.JobStats:
+        return pb.JobStats(
+            sampled_fps=self.sampled_fps,
+            frames=self.frames,
+            visual_tokens=self.visual_tokens,
+            frame_width=self.frame_width,
+            frame_height=self.frame_height,
+            cache=CACHE_OUTCOMES.get(self.cache, pb.CACHE_OUTCOME_UNSPECIFIED),
+            stage_ms=self.stage_ms,
+            worker=self.worker,
+            model=self.model,
+            attempt=self.attempt,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobStats":
+        return cls(**d)
+
+
+KIND_LOCALIZE = "localize"
+KIND_INDEX = "index"
+JOB_KINDS = (KIND_LOCALIZE, KIND_INDEX)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A unit of work for a worker. Its payload lives in a Redis hash keyed by ``job_id``.
+
+    ``sampling`` holds the caller's options with the server's defaults filled in (the worker still
+    bounds them by its model's own limits). Workers read the video's bytes from the blob store by
+    ``video_id``.
+    """
+
+    kind: str
+    video_id: str
+    queries: tuple[str, ...] = ()
+    sampling: SamplingRequest = SamplingRequest()
+    max_new_tokens: int = 0
+    tenant: str = ""
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_s: float = field(default_factory=time.time)
+    deadline_s: float = 0.0
+    """Unix time after which nobody waits for the result (0 = none)."""
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d)
+
+    @classmethod
+    def from_request(cls, kind: str, request: Any, *, tenant: str, settings: "Settings") -> "Job":
+        """A job for a ``LocalizeRequest`` (kind localize) or ``IndexVideoRequest`` (kind index);
+        raises InvalidArgument for a bad field. The server's defaults fill the sampling options."""
+        queries = tuple(request.queries) if kind == KIND_LOCALIZE else ()
+        max_new_tokens = request.max_new_tokens if kind == KIND_LOCALIZE else 0
+        _validate_queries(kind, queries, settings)
+        if max_new_tokens < 0 or max_new_tokens > settings.max_new_tokens:
+            raise errors.InvalidArgument(f"max_new_tokens must be in [0, {settings.max_new_tokens}]",
+                                         field="max_new_tokens")
+        sampling = _validate_sampling(SamplingRequest.from_pb(request.sampling), settings)
+        return cls(kind=kind, video_id=request.video_id, queries=queries,
+                   sampling=sampling.with_defaults(settings), max_new_tokens=max_new_tokens, tenant=tenant)
+
+    def check_video(self, video: "VideoInfo") -> None:
+        """Raise InvalidArgument when the request does not fit the video (e.g. a range past its end)."""
+        if self.sampling.start_s is not None and self.sampling.start_s >= video.duration_s:
+            raise errors.InvalidArgument("sampling.start_offset is past the end of the video",
+                                         field="sampling.start_offset")
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "Job":
+        d = json.loads(raw)
+        d.pop("blob_path", None)  # written by versions that handed workers a path
+        d["queries"] = tuple(d["queries"])
+        d["sampling"] = SamplingRequest(**d["sampling"])
+        return cls(**d)
+
+
+MIN_BUDGET_TOKENS = 512
+"""Four frames at Qwen's minimum frame size fit in this many tokens at any aspect ratio."""
+
+
+def _validate_queries(kind: str, queries: tuple[str, ...], settings: "Settings") -> None:
+    if kind == KIND_INDEX:
+        return
+    if not queries:
+        raise errors.InvalidArgument("at least one query is required", field="queries")
+    if len(queries) > settings.max_queries:
+        raise errors.InvalidArgument(
+            f"{len(queries)} queries; at most {settings.max_queries} per request", field="queries")
+    for i, query in enumerate(queries):
+        if not query.strip():
+            raise errors.InvalidArgument("a query is empty", field=f"queries[{i}]")
+        if len(query) > settings.max_query_chars:
+            raise errors.InvalidArgument(
+                f"query of {len(query)} characters; at most {settings.max_query_chars}", field=f"queries[{i}]")
+        if any(ord(c) < 32 and c not in "\t\n" for c in query):
+            raise errors.InvalidArgument("a query contains control characters", field=f"queries[{i}]")
+
+
+def _validate_sampling(s: SamplingRequest, settings: "Settings") -> SamplingRequest:
+    if s.max_fps < 0 or s.max_fps > 2:
+        raise errors.InvalidArgument("sampling.max_fps must be in (0, 2]", field="sampling.max_fps")
+    if s.max_frames < 0 or s.max_frames == 1 or s.max_frames > 4096:
+        raise errors.InvalidArgument("sampling.max_frames must be in [2, 4096]", field="sampling.max_frames")
+    if s.budget_tokens and not MIN_BUDGET_TOKENS <= s.budget_tokens <= 1_000_000:
+        raise errors.InvalidArgument(
+            f"sampling.budget_tokens must be 0 (default) or in [{MIN_BUDGET_TOKENS}, 1000000]",
+            field="sampling.budget_tokens")
+    if s.start_s is not None and s.start_s < 0:
+        raise errors.InvalidArgument("sampling.start_offset is negative", field="sampling.start_offset")
+    if s.start_s is not None and s.end_s is not None and s.end_s <= s.start_s:
+        raise errors.InvalidArgument("sampling.end_offset must be after start_offset", field="sampling.end_offset")
+    return s
+
+
+# Event kinds on a job's event stream (``keys.job_events``).
+EVENT_PROGRESS = "progress"
+EVENT_RESULT = "result"
+EVENT_DONE = "done"
+EVENT_FAILED = "failed"
+
+STAGES = {
+    "queued": pb.QUEUED,
+    "decoding": pb.DECODING,
+    "encoding": pb.ENCODING,
+    "prefilling": pb.PREFILLING,
+    "generating": pb.GENERATING,
+    "done": pb.DONE,
+}
+
+
+def progress_data(stage: str, done: int = 0, total: int = 0, message: str = "") -> dict[str, Any]:
+    """The data of a progress event (what a worker writes; :func:`event_pb` reads it)."""
+    return {"stage": stage, "done": done, "total": total, "message": message}
+
+
+def event_pb(job_id: str, kind: str, data: dict[str, Any]) -> "pb.JobEvent | None":
+    """A job event as the API's ``JobEvent``; None for a failure (the caller raises it)."""
+    if kind == EVENT_PROGRESS:
+        return pb.JobEvent(job_id=job_id, progress=pb.Progress(
+            stage=STAGES.get(data.get("stage", ""), pb.STAGE_UNSPECIFIED), done=int(data.get("done", 0)),
+            total=int(data.get("total", 0)), message=str(data.get("message", ""))))
+    if kind == EVENT_RESULT:
+        return pb.JobEvent(job_id=job_id, result=QueryResult.from_dict(data).to_pb())
+    if kind == EVENT_DONE:
+        return pb.JobEvent(job_id=job_id, done=JobStats.from_dict(data).to_pb())
+    return None
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """First message of an upload stream."""
+
+    size_bytes: int
+    sha256: str
+    filename: str
+    content_type: str
+    upload_id: str
+
+    @classmethod
+    def from_pb(cls, m: pb.UploadHeader) -> "UploadHeader":
+        return cls(m.size_bytes, m.sha256.lower(), m.filename, m.content_type, m.upload_id)
+
+
+@dataclass(frozen=True)
+class UploadChunk:
+    offset: int
+    data: bytes
+
+    @classmethod
+    def from_pb(cls, m: pb.UploadChunk) -> "UploadChunk":
+        return cls(m.offset, m.data)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else v

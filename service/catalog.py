@@ -1,0 +1,101 @@
+"""The video catalog: probed facts per blob, ownership per tenant, paging, deletion."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from moments.core import errors, keys, token_index
+from moments.core.blobs import SHA256_RE, BlobStore
+from moments.core.locks import RedisLock
+from moments.core.records import VideoInfo
+
+log = logging.getLogger(__name__)
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+VIDEO_LOCK_TTL_S = 30
+VIDEO_LOCK_WAIT_S = 10.0
+
+
+class VideoCatalog:
+    """Videos are stored once per content and owned by every tenant that uploaded them."""
+
+    def __init__(self, redis: aioredis.Redis, blobs: BlobStore) -> None:
+        self.redis = redis
+        self.blobs = blobs
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, video_id: str) -> AsyncIterator[None]:
+        """Hold the video's lock. An upload places the blob and adds its owner under it, and the
+        last owner's delete removes record and blob under it, so a delete can never take the blob
+        from under another tenant's upload of the same bytes that was just told it is stored."""
+        async with RedisLock(self.redis, keys.video_lock(video_id), VIDEO_LOCK_TTL_S).held(
+                wait_s=VIDEO_LOCK_WAIT_S) as taken:
+            if not taken:
+                raise errors.Unavailable(f"video {video_id} is being stored or deleted; retry")
+            yield
+
+    async def add(self, tenant: str, info: VideoInfo) -> VideoInfo:
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for field, value in info.to_redis().items():
+                pipe.hsetnx(keys.video(info.video_id), field, value)
+            pipe.zadd(keys.VIDEO_INDEX, {info.video_id: now}, nx=True)
+            pipe.zadd(keys.tenant_videos(tenant), {info.video_id: now}, nx=True)
+            pipe.sadd(keys.video_owners(info.video_id), tenant)
+            await pipe.execute()
+        return await self.get_owned(tenant, info.video_id)
+
+    async def get_owned(
+        self, tenant: str, video_id: str, *, missing_ok: bool = False
+    ) -> VideoInfo | None:
+        if not SHA256_RE.match(video_id):
+            raise errors.InvalidArgument("video_id must be a lower-case hex sha256", field="video_id")
+        created = await self.redis.zscore(keys.tenant_videos(tenant), video_id)
+        raw = await self.redis.hgetall(keys.video(video_id)) if created is not None else None
+        if not raw:
+            if missing_ok:
+                return None
+            raise errors.NotFound(f"video {video_id} not found")
+        info = VideoInfo.from_redis(raw)
+        return VideoInfo(**{**info.__dict__, "create_time_s": created})
+
+    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[VideoInfo], str]:
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        try:
+            start = int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else 0
+        except ValueError:
+            raise errors.InvalidArgument("malformed page_token", field="page_token") from None
+        ids = await self.redis.zrevrange(keys.tenant_videos(tenant), start, start + size)
+        videos = []
+        for raw_id in ids[:size]:
+            video = await self.get_owned(tenant, raw_id.decode(), missing_ok=True)
+            if video is not None:
+                videos.append(video)
+        token = base64.urlsafe_b64encode(str(start + size).encode()).decode() if len(ids) > size else ""
+        return videos, token
+
+    async def remove(self, tenant: str, video_id: str) -> int:
+        """Drop the tenant's ownership. When no owner remains, the record, the blob and the cached
+        visual tokens go too; returns how many token-cache entries were removed."""
+        await self.get_owned(tenant, video_id)
+        async with self.exclusive(video_id):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(keys.tenant_videos(tenant), video_id)
+                pipe.srem(keys.video_owners(video_id), tenant)
+                pipe.scard(keys.video_owners(video_id))
+                *_, remaining = await pipe.execute()
+            if remaining:
+                return 0
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.video(video_id), keys.video_owners(video_id))
+                pipe.zrem(keys.VIDEO_INDEX, video_id)
+                await pipe.execute()
+            await asyncio.to_thread(self.blobs.delete, video_id)
+        return await token_index.drop_video(self.redis, video_id)

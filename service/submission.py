@@ -1,0 +1,122 @@
+"""Job submission and waiting: backpressure, idempotent retries, deadlines and cancellation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from moments.core import errors, jobs, keys
+from moments.core.config import Settings
+from moments.core.jobs import Event
+from moments.core.records import Job
+from moments.service import metrics
+
+log = logging.getLogger(__name__)
+READ_BLOCK_MS = 1000
+
+
+class JobClient:
+    """Puts jobs on the stream and follows their event streams until they finish."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+
+    async def live_workers(self) -> int:
+        beats = await self.redis.hgetall(keys.WORKERS_HASH)
+        now = time.time()
+        return sum(1 for v in beats.values() if now - float(v) < self.settings.worker_stale_s)
+
+    async def newest_heartbeat(self) -> float:
+        beats = await self.redis.hvals(keys.WORKERS_HASH)
+        return max((float(v) for v in beats), default=0.0)
+
+    async def submit(self, job: Job) -> str:
+        """Enqueue ``job`` (or join an identical open one); returns the id to follow."""
+        if not await self.live_workers():
+            raise errors.Unavailable("no worker is running; try again when one is up")
+        request_id = jobs.request_key(
+            job.tenant, job.kind, job.video_id, job.queries, job.sampling, job.max_new_tokens
+        )
+        dedupe = keys.job_dedupe(request_id)
+        if not await self.redis.set(dedupe, job.job_id, nx=True, ex=int(self.settings.job_timeout_s) + 60):
+            existing = await self.redis.get(dedupe)
+            if existing and await self.redis.hget(keys.job(existing.decode()), "state") in (
+                jobs.QUEUED.encode(),
+                jobs.RUNNING.encode(),
+            ):
+                log.info("job %s joins identical open job %s", job.job_id, existing.decode())
+                return existing.decode()
+            await self.redis.set(dedupe, job.job_id, ex=int(self.settings.job_timeout_s) + 60)
+        depth = await self.redis.zcard(keys.OPEN_JOBS)
+        metrics.QUEUE_DEPTH.set(depth)
+        if depth >= self.settings.max_queue_jobs:
+            await self.redis.delete(dedupe)
+            raise errors.ResourceExhausted(
+                f"{depth} jobs are waiting (limit {self.settings.max_queue_jobs})", retry_after_s=2.0
+            )
+        job = replace(job, deadline_s=job.deadline_s or time.time() + self.settings.job_timeout_s)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                keys.job(job.job_id),
+                mapping={"payload": job.to_json(), "state": jobs.QUEUED, "attempts": 0,
+                         "dedupe": dedupe},
+            )
+            pipe.zadd(keys.OPEN_JOBS, {job.job_id: job.created_s})
+            pipe.xadd(keys.job_events(job.job_id), Event("progress", {"stage": "queued"}).to_fields())
+            pipe.xadd(keys.JOBS_STREAM, {"job_id": job.job_id})
+            await pipe.execute()
+        log.info("job %s queued video=%s kind=%s queries=%d", job.job_id, job.video_id, job.kind,
+                 len(job.queries))
+        return job.job_id
+
+    async def events(self, job_id: str, deadline_s: float) -> AsyncIterator[Event]:
+        """Yield the job's events until it is done or failed.
+
+        Raises DeadlineExceeded at ``deadline_s`` and Unavailable when every worker is gone; in
+        both cases, and when the caller goes away, the job is asked to stop.
+        """
+        last_id = "0-0"
+        finished = False
+        last_beat_s = time.time()
+        await self.redis.hincrby(keys.job(job_id), "waiters", 1)
+        try:
+            while True:
+                remaining_s = deadline_s - time.time()
+                if remaining_s <= 0:
+                    raise errors.DeadlineExceeded(f"job {job_id} did not finish within the deadline")
+                block_ms = int(min(READ_BLOCK_MS, remaining_s * 1000)) or 1
+                reply = await self.redis.xread({keys.job_events(job_id): last_id}, block=block_ms)
+                if not reply:
+                    if not await self.redis.exists(keys.job(job_id)):
+                        raise errors.Unavailable(f"job {job_id} was lost (Redis restarted without it)")
+                    last_beat_s = max(last_beat_s, await self.newest_heartbeat())
+                    if time.time() - last_beat_s > self.settings.worker_stale_s:
+                        raise errors.Unavailable(f"every worker stopped; job {job_id} was not finished")
+                    continue
+                for entry_id, fields in reply[0][1]:
+                    last_id = entry_id
+                    event = Event.from_fields(fields)
+                    if event.kind in (jobs.DONE, jobs.FAILED):
+                        finished = True
+                    yield event
+                    if finished:
+                        return
+        finally:
+            if not finished:
+                await self._abandon(job_id)
+
+    async def _abandon(self, job_id: str) -> None:
+        try:
+            if not await self.redis.exists(keys.job(job_id)):
+                return  # lost with a Redis restart: nothing to stop
+            waiters = await self.redis.hincrby(keys.job(job_id), "waiters", -1)
+            if waiters <= 0:
+                await self.redis.set(keys.job_cancel(job_id), 1, ex=jobs.EVENTS_TTL_S)
+                log.info("job %s cancelled: no caller waits for it", job_id)
+        except Exception:  # noqa: BLE001 - Redis down: the worker's deadline check stops it
+            log.warning("could not mark job %s cancelled", job_id)
