@@ -67,7 +67,7 @@ def test_fast_decoder_gives_the_eager_tokens(tiny_model_dir, engine):
         assert [x for _, x in q.pieces] == pytest.approx([x for _, x in e.pieces], rel=1e-3)
     assert set(quick[0].stage_ms) == {"prefill", "generate"}
     # The hot prefix stays loaded across questions, and the prefix object itself is untouched.
-    assert fast._fast.loaded[0] == id(prefix_f.cache)
+    assert fast._scheduler.decoder.slot_of((id(prefix_f.cache), prefix_f.length, prefix_f.key)) is not None
     assert [a.text for a in fast.generate(tokens, QUERIES[:2], max_new_tokens=24, prefix=prefix_f)] == \
         [a.text for a in eager[:2]]
     # Another video (another prefix) replaces it; then back to the first one.
@@ -130,7 +130,7 @@ def test_cuda_graph_decoder_matches_eager(tiny_model_dir):
     tokens = eager.encode(make_frames(plan, 26), plan)
     want = [a.text for a in eager.generate(tokens, QUERIES, max_new_tokens=24)]
     assert [a.text for a in fast.generate(tokens, QUERIES, max_new_tokens=24)] == want
-    assert fast._fast.graphs and fast._fast._graphs
+    assert fast._scheduler.decoder.graphs and fast._scheduler.decoder._graphs
 
 
 def _fresh(tiny_model_dir, **kw) -> Engine:

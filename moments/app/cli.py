@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--report", default="eval-report.json")
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--write-calibration", action="store_true",
+                   help="fit the score calibration on these annotations (absent queries needed) and write it "
+                        "into the model directory (engine runner; one pass per question)")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_eval)
 

@@ -1,0 +1,240 @@
+"""Greedy decoding of many questions at once from static KV buffers, one CUDA graph per step shape.
+
+Layout: ``slots`` hold ``[system][video]`` prefixes (one video window each, prefilled once and
+shared by every question about it: never copied per question); each slot has ``lanes``, one per
+question, with its own suffix KV (the question, the "not in the video" answer scored after it, the
+generated tokens). A decode step advances every active lane of every slot together:
+
+* the linear layers run once over all lanes (``slots * lanes`` rows: the weights, which bound
+  decoding, are read once per step, whatever the number of questions and videos);
+* attention reads each slot's prefix keys once for all of its lanes (``[slot, lane]`` queries times
+  ``[slot]`` keys) plus each lane's own suffix keys; the softmax is exact (fp32) over both.
+
+Questions join free lanes between steps (their question is prefilled alone, eagerly) and leave at
+once when done or cancelled, so concurrent jobs share steps (continuous batching); a prefix joins a
+free slot by a device copy of its KV. On CUDA each step shape (slots, lanes and attended prefix
+length, in buckets) is captured once as a CUDA graph and replayed; elsewhere it runs eagerly (tests).
+Only text positions are decoded here (all three M-RoPE axes equal). The weights are the model's
+own modules: plain or 4-bit linears.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LANE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+SLOT_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    return next((b for b in buckets if b >= n), buckets[-1])
+
+
+class BatchDecoder:
+    """Static-KV greedy decoding over ``max_slots`` prefixes x ``max_lanes`` questions each."""
+
+    def __init__(self, model, *, max_slots: int = 4, max_lanes: int = 16, suffix: int = 384,
+                 graphs: bool | None = None, bucket_tokens: int = 1024, grow_tokens: int = 4096) -> None:
+        lm = model.model.language_model
+        cfg = lm.config
+        if getattr(cfg, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported by the batch decoder")
+        self.lm, self.lm_head, self.layers = lm, model.lm_head, list(lm.layers)
+        attn = self.layers[0].self_attn
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(cfg.num_key_value_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
+        self.groups = self.heads // self.kv_heads
+        self.scale = float(attn.scaling)
+        p = next(lm.parameters())
+        self.device, self.dtype = p.device, lm.embed_tokens.weight.dtype
+        self.graphs = (self.device.type == "cuda") if graphs is None else graphs
+        self.max_slots, self.max_lanes, self.suffix = max_slots, max_lanes, suffix
+        self.bucket_tokens, self.grow_tokens = bucket_tokens, grow_tokens
+        self.inv_freq = lm.rotary_emb.inv_freq.to(self.device, torch.float32)
+        kv, d, L = self.kv_heads, self.head_dim, len(self.layers)
+        self.sk = [torch.zeros(max_slots, max_lanes, kv, suffix, d, dtype=self.dtype, device=self.device) for _ in range(L)]
+        self.sv = [torch.zeros_like(t) for t in self.sk]
+        self.capacity = 0
+        self.pk: list[torch.Tensor] = []
+        self.pv: list[torch.Tensor] = []
+        self.slot_identity: list[tuple | None] = [None] * max_slots
+        self.prefix_len = torch.zeros(max_slots, dtype=torch.long, device=self.device)
+        # Static step inputs / outputs [slot, lane].
+        shape = (max_slots, max_lanes)
+        self.token_in = torch.zeros(shape, dtype=torch.long, device=self.device)
+        self.rope_in = torch.zeros(shape, dtype=torch.long, device=self.device)
+        self.pos_in = torch.zeros(shape, dtype=torch.long, device=self.device)
+        self.out_token = torch.zeros(shape, dtype=torch.long, device=self.device)
+        self.out_prob = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    # --- prefixes ---------------------------------------------------------------------------------
+
+    def _reserve(self, tokens: int) -> None:
+        if tokens <= self.capacity:
+            return
+        cap = -(-tokens // self.grow_tokens) * self.grow_tokens
+        old_k, old_v, old_cap = self.pk, self.pv, self.capacity
+        self._graphs.clear()
+        shape = (self.max_slots, self.kv_heads, cap, self.head_dim)
+        self.pk = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.pv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        for i in range(len(old_k)):  # loaded prefixes survive a growth
+            self.pk[i][:, :, :old_cap].copy_(old_k[i])
+            self.pv[i][:, :, :old_cap].copy_(old_v[i])
+        del old_k, old_v
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.capacity = cap
+        log.info("batch decoder prefix KV: %d slots x %d positions (%.2f GiB)", self.max_slots, cap,
+                 2 * len(self.layers) * self.max_slots * self.kv_heads * cap * self.head_dim *
+                 self.pk[0].element_size() / 2**30)
+
+    def slot_of(self, identity: tuple) -> int | None:
+        return self.slot_identity.index(identity) if identity in self.slot_identity else None
+
+    def load(self, slot: int, cache, length: int, identity: tuple) -> None:
+        """Copy a transformers cache's first ``length`` positions into ``slot``."""
+        if self.slot_identity[slot] == identity:
+            return
+        self._reserve(length)
+        for i, layer in enumerate(cache.layers):
+            self.pk[i][slot, :, :length].copy_(layer.keys[0, :, :length])
+            self.pv[i][slot, :, :length].copy_(layer.values[0, :, :length])
+        self.prefix_len[slot] = length
+        self.slot_identity[slot] = identity
+
+    # --- the model ---------------------------------------------------------------------------------
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def _attention(self, q, i, slots: slice, lanes: slice, pos, prefix_len, attend: int):
+        """q [P, R, n, heads, d] (query positions ``pos`` [P, R, n] in the lanes' suffixes) -> [P, R, n, heads*d],
+        over slot prefixes (first ``prefix_len`` [P] of ``attend`` keys) and the lanes' suffix keys <= pos."""
+        P, R, n = q.shape[:3]
+        kv, g, d = self.kv_heads, self.groups, self.head_dim
+        qg = (q * self.scale).view(P, R, n, kv, g, d).permute(0, 3, 1, 2, 4, 5).reshape(P, kv, R * n * g, d)
+        pk, pv = self.pk[i][slots, :, :attend], self.pv[i][slots, :, :attend]  # [P, kv, A, d]
+        sp = torch.matmul(qg, pk.transpose(-1, -2)).float()  # [P, kv, R*n*g, A]
+        key = torch.arange(attend, device=q.device)
+        sp = sp.masked_fill_((key[None, :] >= prefix_len[:, None])[:, None, None, :], float("-inf"))
+        sk, sv = self.sk[i][slots, lanes], self.sv[i][slots, lanes]  # [P, R, kv, S, d]
+        qs = (q * self.scale).view(P, R, n, kv, g, d).permute(0, 1, 3, 2, 4, 5).reshape(P, R, kv, n * g, d)
+        ss = torch.matmul(qs, sk.transpose(-1, -2)).float()  # [P, R, kv, n*g, S]
+        skey = torch.arange(self.suffix, device=q.device)
+        causal = skey.view(1, 1, 1, -1) > pos[..., None]  # [P, R, n, S]
+        causal = causal.repeat_interleave(g, dim=2).unsqueeze(2)  # [P, R, 1, n*g, S]
+        ss = ss.masked_fill_(causal, float("-inf"))
+        # Joint softmax over [prefix keys, suffix keys].
+        sp_r = sp.view(P, kv, R, n * g, attend).permute(0, 2, 1, 3, 4)  # [P, R, kv, n*g, A]
+        m = torch.maximum(sp_r.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
+        ep, es = torch.exp(sp_r - m), torch.exp(ss - m)
+        z = ep.sum(-1, keepdim=True) + es.sum(-1, keepdim=True)
+        ep_f = ep.permute(0, 2, 1, 3, 4).reshape(P, kv, R * n * g, attend).to(self.dtype)
+        out_p = torch.matmul(ep_f, pv).float().view(P, kv, R, n * g, d).permute(0, 2, 1, 3, 4)
+        out_s = torch.matmul(es.to(self.dtype), sv).float()
+        out = ((out_p + out_s) / z).to(self.dtype)  # [P, R, kv, n*g, d]
+        return out.view(P, R, kv, n, g, d).permute(0, 1, 3, 2, 4, 5).reshape(P, R, n, kv * g * d)
+
+    def _forward(self, hidden, rope, pos, slots: slice, lanes: slice, attend: int):
+        """hidden [P, R, n, hidden] at rope ids / suffix positions [P, R, n]; writes the lanes' K/V."""
+        P, R, n, _ = hidden.shape
+        cos, sin = self._rope(rope)
+        cos, sin = cos[..., None, :], sin[..., None, :]
+        prefix_len = self.prefix_len[slots]
+        pi = torch.arange(slots.start, slots.start + P, device=hidden.device).view(P, 1, 1).expand(P, R, n)
+        li = torch.arange(lanes.start, lanes.start + R, device=hidden.device).view(1, R, 1).expand(P, R, n)
+        x = hidden.reshape(P * R * n, -1)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(P, R, n, self.heads, self.head_dim)
+            k = a.k_proj(h).view(P, R, n, self.kv_heads, self.head_dim)
+            v = a.v_proj(h).view(P, R, n, self.kv_heads, self.head_dim)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            self.sk[i][pi, li, :, pos] = k
+            self.sv[i][pi, li, :, pos] = v
+            att = self._attention(q, i, slots, lanes, pos, prefix_len, attend)
+            x = x + a.o_proj(att.reshape(P * R * n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm.norm(x).view(P, R, n, -1)
+
+    def _attend(self, slots: slice) -> int:
+        longest = int(self.prefix_len[slots].max()) if slots.stop > slots.start else 1
+        return min(self.capacity, max(1, -(-longest // self.bucket_tokens) * self.bucket_tokens))
+
+    # --- a question's own tokens --------------------------------------------------------------------
+
+    def prefill(self, slot: int, lane: int, embeds: torch.Tensor, rope_start: int, *, last: int = 1) -> torch.Tensor:
+        """A question's tokens [n, hidden] into (slot, lane) from suffix position 0 (eager); fp32 logits
+        of the last ``last`` tokens [last, vocab]."""
+        n = embeds.shape[0]
+        if n > self.suffix:
+            raise ValueError(f"{n} question tokens exceed the lane's {self.suffix} positions")
+        slots, lanes = slice(slot, slot + 1), slice(lane, lane + 1)
+        rope = torch.arange(rope_start, rope_start + n, device=self.device).view(1, 1, n)
+        pos = torch.arange(n, device=self.device).view(1, 1, n)
+        hidden = self._forward(embeds.to(self.dtype).view(1, 1, n, -1), rope, pos, slots, lanes, self._attend(slots))
+        return self.lm_head(hidden[0, 0, -last:]).float()
+
+    # --- one step of every lane ----------------------------------------------------------------------
+
+    def _step_body(self, P: int, R: int, attend: int) -> None:
+        slots, lanes = slice(0, P), slice(0, R)
+        hidden = self.lm.embed_tokens(self.token_in[:P, :R]).unsqueeze(2)  # [P, R, 1, hidden]
+        out = self._forward(hidden, self.rope_in[:P, :R, None], self.pos_in[:P, :R, None], slots, lanes, attend)
+        logits = self.lm_head(out[:, :, 0]).float()  # [P, R, vocab]
+        token = logits.argmax(-1)
+        self.out_token[:P, :R] = token
+        self.out_prob[:P, :R] = torch.softmax(logits, -1).gather(-1, token[..., None])[..., 0]
+
+    def step(self, used_slots: int, used_lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance lanes [0, used_lanes) of slots [0, used_slots) by the tokens in ``token_in`` (at
+        ``rope_in`` / ``pos_in``); (next tokens, their probabilities) [slots, lanes] on the CPU. Lanes
+        not in use compute on whatever their inputs hold; their outputs are not read."""
+        P, R = bucket(used_slots, SLOT_BUCKETS), bucket(used_lanes, LANE_BUCKETS)
+        P, R = min(P, self.max_slots), min(R, self.max_lanes)
+        attend = self._attend(slice(0, P))
+        if int(self.pos_in[:P, :R].max()) >= self.suffix:
+            raise ValueError(f"a lane exceeds its {self.suffix} suffix positions")
+        if not self.graphs:
+            self._step_body(P, R, attend)
+        else:
+            key = (P, R, attend)
+            graph = self._graphs.get(key) or self._capture(key)
+            graph.replay()
+        return self.out_token[:P, :R].cpu(), self.out_prob[:P, :R].cpu()
+
+    def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
+        # Warm-up and capture run the real step on the real inputs: they write the K/V the replay writes.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step_body(*key)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step_body(*key)
+        self._graphs[key] = graph
+        log.debug("captured a decode step for %d slots x %d lanes over %d keys", *key)
+        return graph
+
+
+__all__ = ["BatchDecoder", "bucket"]
