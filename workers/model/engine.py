@@ -232,6 +232,12 @@ class Engine:
                                               suffix=options.decode_suffix, bucket_tokens=options.decode_bucket,
                                               grow_tokens=options.decode_grow)
 
+    def close(self) -> None:
+        """Stop the decoding thread and let the model's memory go (the engine is unusable after)."""
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+
     @property
     def prefill_fused(self) -> bool:
         return self._fused_prefill is not None

@@ -187,6 +187,9 @@ def load_awq_int4(model_dir: Path, *, dtype: torch.dtype, device: torch.device, 
                                                         group_size, device=device, dtype=dtype))
         del parts
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) or \
+            getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight  # the 3B ties them
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta or unexpected:
         raise QuantizationError(f"missing {still_meta[:3]}, unexpected {unexpected[:3]}", "checkpoint")

@@ -67,6 +67,7 @@ class DecodeScheduler:
         self.cond = threading.Condition()
         self.steps = 0
         self.rows_stepped = 0
+        self._closed = False
         self.thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
         self.thread.start()
 
@@ -86,13 +87,23 @@ class DecodeScheduler:
                 raise row.error
         return rows
 
+    def close(self) -> None:
+        """Stop the decoding thread (after the questions in flight) and drop the buffers."""
+        with self.cond:
+            self._closed = True
+            self.cond.notify_all()
+        self.thread.join(timeout=60)
+        self.decoder = None
+
     # --- the decoding thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.waiting and not self._active():
+                while not self.waiting and not self._active() and not self._closed:
                     self.cond.wait()
+                if self._closed and not self.waiting and not self._active():
+                    return
             try:
                 with self.lock, torch.inference_mode():
                     self._admit()
