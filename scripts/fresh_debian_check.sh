@@ -11,7 +11,9 @@
 # Machines whose pip installs from local folders (a pip.conf naming find-links / extra-index-url
 # folders, e.g. a pre-downloaded torch, and a custom CA bundle) get that configuration copied into the
 # chroot and those folders bind-mounted read-only, standing in for PyPI; a user's machine downloads
-# from PyPI instead. The output says which configuration it copied.
+# from PyPI instead. Local CA certificates (/usr/local/share/ca-certificates, e.g. a TLS-inspecting
+# proxy's) are copied too, so the chroot reaches PyPI the way this machine does. The output says what
+# it copied.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -57,6 +59,11 @@ step "a fresh clone of $(git -C "$REPO" rev-parse --short HEAD) in /root/moments
 git clone -q --no-hardlinks "$REPO" "$ROOT/root/moments"
 git -C "$ROOT/root/moments" checkout -q --detach "$(git -C "$REPO" rev-parse HEAD)"
 
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  echo "copying local CA certificates /usr/local/share/ca-certificates/*.crt"
+  mkdir -p "$ROOT/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+fi
 # What this machine's pip reads (files and PIP_* variables), carried over to stand in for PyPI.
 pip_env=()
 for conf in /etc/pip.conf /etc/xdg/pip "$HOME/.config/pip" "$HOME/.pip"; do
