@@ -20,15 +20,25 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def health_servicer() -> health.HealthServicer:
-    return health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio-health-checking's servicer plus ``List`` (in grpc.health.v1, unimplemented there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: dict[str, int] = {}
+
+    async def set(self, service: str, status) -> None:
+        self.statuses[service] = status
+        await super().set(service, status)
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:  # noqa: N802 - gRPC name
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self.statuses.items()})
 
 
-async def set_health(servicer, names: Iterable[str], status) -> None:
+async def set_health(servicer: HealthServicer, names: Iterable[str], status) -> None:
     for name in names:
-        result = servicer.set(name, status)
-        if asyncio.iscoroutine(result):
-            await result
+        await servicer.set(name, status)
 
 
 class WorkerHealth:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from moments.core.blobs import open_blob_store
@@ -17,8 +16,9 @@ from moments.core.config import Settings
 from moments.core.redis_client import connect
 from moments.service.auth import Authenticator, parse_api_keys
 from moments.service.catalog import VideoCatalog
-from moments.service.health import NOT_SERVING, WorkerHealth, health_servicer, set_health
+from moments.service.health import NOT_SERVING, HealthServicer, WorkerHealth, set_health
 from moments.service.interceptor import MomentsInterceptor
+from moments.service.reflection import enable_reflection
 from moments.service.servicer import MomentsServicer
 from moments.service.submission import JobClient
 from moments.service.uploads import Uploads
@@ -67,13 +67,10 @@ async def start_front_end(settings: Settings) -> FrontEnd:
     )
     job_client = JobClient(settings, redis)
     moments_pb2_grpc.add_MomentsServicer_to_server(MomentsServicer(settings, uploads, catalog, job_client), server)
-    health = WorkerHealth(health_servicer(), HEALTH_NAMES, job_client.live_workers,
+    health = WorkerHealth(HealthServicer(), HEALTH_NAMES, job_client.live_workers,
                           interval_s=min(1.0, settings.worker_stale_s / 4))
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     port = server.add_secure_port(settings.listen, _credentials(settings)) if settings.tls_cert \
         else server.add_insecure_port(settings.listen)
     await health.check()  # NOT_SERVING (not UNKNOWN) from the first call on
