@@ -16,7 +16,7 @@
 # it copied.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${DEBIAN_MIRROR:-}  # empty: debootstrap's default mirror
 ROOT=${ROOT:-$(mktemp -d /var/tmp/moments-fresh-debian.XXXXXX)}
 [ "$(id -u)" = 0 ] || { echo "run as root (debootstrap and chroot)" >&2; exit 2; }
 
@@ -40,7 +40,7 @@ if [ -n "${BASE:-}" ]; then
   cp -a "$BASE/." "$ROOT/"
 else
   command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap
-  debootstrap bookworm "$ROOT" "$MIRROR" >/dev/null
+  debootstrap bookworm "$ROOT" $MIRROR >/dev/null
 fi
 grep -q bookworm "$ROOT/etc/os-release" || { echo "not a bookworm root: $ROOT" >&2; exit 1; }
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
