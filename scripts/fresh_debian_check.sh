@@ -2,8 +2,9 @@
 # Check the README's quick start on a fresh Debian 12: debootstrap a bookworm chroot, put a fresh
 # clone of this checkout's HEAD in /root/moments, then run both README commands exactly as written,
 # as root: `bash scripts/demo.sh` and `bash .ci/run`. Not run by CI: it needs root, debootstrap and
-# the network (Debian and PyPI), and takes about 25 minutes on 2 cores (debootstrap ~4, the demo's
-# installs ~3, the whole test suite ~15). The chroot is removed at the end (KEEP=1 keeps it).
+# the network (Debian and PyPI), and takes about 30 minutes on 2 cores (measured: debootstrap 3.7,
+# the demo with its apt and pip installs 5.8, the whole test suite 17.8 while other tests shared the
+# cores). The chroot is removed at the end (KEEP=1 keeps it).
 #
 #   sudo bash scripts/fresh_debian_check.sh                     # debootstrap into a temporary folder
 #   sudo BASE=/var/tmp/bookworm bash scripts/fresh_debian_check.sh  # copy a pristine debootstrap instead
