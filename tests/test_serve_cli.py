@@ -131,3 +131,14 @@ def test_a_model_that_does_not_load_is_one_line_not_a_traceback(tmp_path):
     worker_errors = [line for line in served.stderr.splitlines() if line.startswith("moments worker:")]
     assert len(worker_errors) == 1 and str(broken) in worker_errors[0], served.stderr
     assert re.search(r"^error: every worker exited", served.stderr, re.M), served.stderr
+
+
+def test_serve_places_one_worker_per_gpu(stack_factory):
+    """With GPUs named, worker k sees only GPU k (in turn): each worker process's own environment."""
+    with stack_factory(workers=0, worker_gpus="0,1") as s:
+        procs = [s.stack.start_worker(i) for i in range(3)]
+        envs = []
+        for proc in procs:
+            raw = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+            envs.append(next(v for v in raw if v.startswith(b"CUDA_VISIBLE_DEVICES=")).decode().split("=", 1)[1])
+    assert envs == ["0", "1", "0"]

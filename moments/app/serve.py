@@ -84,10 +84,14 @@ class Stack:
         return f"{host}:{self.front.port}"
 
     def start_worker(self, index: int, **setting_overrides) -> subprocess.Popen:
-        """Start worker process ``index`` with the stack's settings (``setting_overrides`` changed)."""
+        """Start worker process ``index`` with the stack's settings (``setting_overrides`` changed); on a
+        host with several GPUs, worker ``index`` sees only GPU ``gpus[index % len(gpus)]``."""
         settings = self.settings.replace(**setting_overrides)
         env = {**os.environ, **_settings_env(settings),
                "MOMENTS_WORKER_NAME": f"worker-{index}-{time.monotonic_ns()}", **(self.worker_env or {})}
+        gpus = worker_gpus(settings)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
         proc = subprocess.Popen([sys.executable, "-m", "moments.app.cli", "worker"], env=env)
         self.workers.append(proc)
         return proc
@@ -125,6 +129,23 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+
+def worker_gpus(settings: Settings) -> list[str]:
+    """The GPUs workers are spread over: ``Settings.worker_gpus`` (a comma list), else, for a CUDA
+    device, every GPU this host shows (``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi -L``); [] on CPU."""
+    if settings.worker_gpus:
+        return [g.strip() for g in settings.worker_gpus.split(",") if g.strip()]
+    if settings.device == "cpu" or (settings.device.startswith("cuda:")):
+        return []  # one device named for every worker: leave placement to the caller
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(listed.splitlines()) if line.startswith("GPU ")]
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:
