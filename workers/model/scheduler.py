@@ -25,6 +25,9 @@ from moments.workers.model.kernels.batch_decode import BatchDecoder
 
 log = logging.getLogger(__name__)
 
+ADMIT_BATCH = 16
+"""Questions prefilled in one forward at most (their tokens padded to the longest)."""
+
 
 class Cancelled(Exception):
     """The caller asked to stop (its job was cancelled or its deadline passed)."""
@@ -118,7 +121,9 @@ class DecodeScheduler:
 
     def _admit(self) -> None:
         """Move waiting rows into free lanes, in arrival order (a row whose prefix has no slot waits
-        for one, and rows behind it wait too: first come, first served)."""
+        for one, and rows behind it wait too: first come, first served); the rows admitted into one
+        slot are prefilled together."""
+        admitted: dict[int, list[Row]] = {}
         while self.waiting:
             row = self.waiting[0]
             if row.should_stop is not None and row.should_stop():
@@ -127,17 +132,22 @@ class DecodeScheduler:
                 continue
             place = self._place(row)
             if place is None:
-                return
+                break
             self.waiting.popleft()
             row.slot, row.lane = place
             self.lanes[row.slot][row.lane] = row
-            try:
-                self._prefill(row)
-            except BaseException as exc:  # noqa: BLE001
-                self._release(row)
-                self._finish(row, exc)
-                if not isinstance(exc, (ValueError, Cancelled)):
-                    raise
+            admitted.setdefault(row.slot, []).append(row)
+        for rows in admitted.values():
+            for start in range(0, len(rows), ADMIT_BATCH):
+                group = rows[start:start + ADMIT_BATCH]
+                try:
+                    self._prefill(group)
+                except BaseException as exc:  # noqa: BLE001
+                    for row in group:
+                        self._release(row)
+                        self._finish(row, exc)
+                    if not isinstance(exc, (ValueError, Cancelled)):
+                        raise
 
     def _place(self, row: Row) -> tuple[int, int] | None:
         d = self.decoder
@@ -153,21 +163,26 @@ class DecodeScheduler:
                 return slot, 0
         return None
 
-    def _prefill(self, row: Row) -> None:
+    def _prefill(self, rows: list[Row]) -> None:
+        """The questions of ``rows`` (one slot) in one forward, each followed by the teacher-forced
+        "not in the video" answer, whose log-probability it keeps; then each row's first token."""
         e, d = self.engine, self.decoder
         started = time.perf_counter()
-        ids = row.q_ids + row.scored[:-1]
-        embeds = e.model.get_input_embeddings()(torch.tensor(ids, device=e.device))
-        logits = d.prefill(row.slot, row.lane, embeds, row.prefix.next_position, last=len(row.scored))
-        row.absent_logprob = float(torch.log_softmax(logits, -1).gather(
-            1, torch.tensor(row.scored, device=logits.device)[:, None]).sum())
-        first = logits[0]
-        token = int(first.argmax())
-        row.rope = row.prefix.next_position + len(row.q_ids)
-        row.pos = len(row.q_ids)
-        row.started_s = time.perf_counter()
-        row.prefill_ms = (row.started_s - started) * 1e3
-        self._advance(row, token, float(torch.softmax(first, -1)[token]))
+        embed = e.model.get_input_embeddings()
+        embeds = [embed(torch.tensor(r.q_ids + r.scored[:-1], device=e.device)) for r in rows]
+        picks = [list(range(len(r.q_ids) - 1, len(r.q_ids) - 1 + len(r.scored))) for r in rows]
+        all_logits = d.prefill(rows[0].slot, [r.lane for r in rows], embeds, rows[0].prefix.next_position, picks)
+        now = time.perf_counter()
+        for row, logits in zip(rows, all_logits):
+            row.absent_logprob = float(torch.log_softmax(logits, -1).gather(
+                1, torch.tensor(row.scored, device=logits.device)[:, None]).sum())
+            first = logits[0]
+            token = int(first.argmax())
+            row.rope = row.prefix.next_position + len(row.q_ids)
+            row.pos = len(row.q_ids)
+            row.started_s = now
+            row.prefill_ms = (now - started) * 1e3
+            self._advance(row, token, float(torch.softmax(first, -1)[token]))
 
     def _advance(self, row: Row, token: int, prob: float) -> None:
         """Take ``token`` as the row's next; finish the row or leave it ready for the next step."""

@@ -64,6 +64,8 @@ class BatchDecoder:
         self.pv: list[torch.Tensor] = []
         self.slot_identity: list[tuple | None] = [None] * max_slots
         self.prefix_len = torch.zeros(max_slots, dtype=torch.long, device=self.device)
+        self.prefix_len_host = [0] * max_slots
+        """The same lengths on the host: choosing a step's shape needs no device sync."""
         # Static step inputs / outputs [slot, lane].
         shape = (max_slots, max_lanes)
         self.token_in = torch.zeros(shape, dtype=torch.long, device=self.device)
@@ -81,7 +83,10 @@ class BatchDecoder:
             return
         cap = -(-tokens // self.grow_tokens) * self.grow_tokens
         old_k, old_v, old_cap = self.pk, self.pv, self.capacity
+        # Graphs read the old buffers: drop them with their private memory pool (a fresh pool for the
+        # new ones: reusing a pool whose graphs are gone trips the caching allocator).
         self._graphs.clear()
+        self._pool = None
         shape = (self.max_slots, self.kv_heads, cap, self.head_dim)
         self.pk = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.pv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -89,8 +94,6 @@ class BatchDecoder:
             self.pk[i][:, :, :old_cap].copy_(old_k[i])
             self.pv[i][:, :, :old_cap].copy_(old_v[i])
         del old_k, old_v
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         self.capacity = cap
         log.info("batch decoder prefix KV: %d slots x %d positions (%.2f GiB)", self.max_slots, cap,
                  2 * len(self.layers) * self.max_slots * self.kv_heads * cap * self.head_dim *
@@ -108,6 +111,7 @@ class BatchDecoder:
             self.pk[i][slot, :, :length].copy_(layer.keys[0, :, :length])
             self.pv[i][slot, :, :length].copy_(layer.values[0, :, :length])
         self.prefix_len[slot] = length
+        self.prefix_len_host[slot] = length
         self.slot_identity[slot] = identity
 
     # --- the model ---------------------------------------------------------------------------------
@@ -122,7 +126,7 @@ class BatchDecoder:
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def _attention(self, q, i, slots: slice, lanes: slice, pos, prefix_len, attend: int):
+    def _attention(self, q, i, slots: slice, lanes, pos, prefix_len, attend: int):
         """q [P, R, n, heads, d] (query positions ``pos`` [P, R, n] in the lanes' suffixes) -> [P, R, n, heads*d],
         over slot prefixes (first ``prefix_len`` [P] of ``attend`` keys) and the lanes' suffix keys <= pos."""
         P, R, n = q.shape[:3]
@@ -132,7 +136,10 @@ class BatchDecoder:
         sp = torch.matmul(qg, pk.transpose(-1, -2)).float()  # [P, kv, R*n*g, A]
         key = torch.arange(attend, device=q.device)
         sp = sp.masked_fill_((key[None, :] >= prefix_len[:, None])[:, None, None, :], float("-inf"))
-        sk, sv = self.sk[i][slots, lanes], self.sv[i][slots, lanes]  # [P, R, kv, S, d]
+        if isinstance(lanes, slice):
+            sk, sv = self.sk[i][slots, lanes], self.sv[i][slots, lanes]  # [P, R, kv, S, d]
+        else:  # a gathered copy of the few lanes being prefilled
+            sk, sv = self.sk[i][slots][:, lanes], self.sv[i][slots][:, lanes]
         qs = (q * self.scale).view(P, R, n, kv, g, d).permute(0, 1, 3, 2, 4, 5).reshape(P, R, kv, n * g, d)
         ss = torch.matmul(qs, sk.transpose(-1, -2)).float()  # [P, R, kv, n*g, S]
         skey = torch.arange(self.suffix, device=q.device)
@@ -150,14 +157,16 @@ class BatchDecoder:
         out = ((out_p + out_s) / z).to(self.dtype)  # [P, R, kv, n*g, d]
         return out.view(P, R, kv, n, g, d).permute(0, 1, 3, 2, 4, 5).reshape(P, R, n, kv * g * d)
 
-    def _forward(self, hidden, rope, pos, slots: slice, lanes: slice, attend: int):
-        """hidden [P, R, n, hidden] at rope ids / suffix positions [P, R, n]; writes the lanes' K/V."""
+    def _forward(self, hidden, rope, pos, slots: slice, lanes, attend: int):
+        """hidden [P, R, n, hidden] at rope ids / suffix positions [P, R, n]; writes the lanes' K/V.
+        ``lanes``: a slice, or a tensor of lane indices (with one slot)."""
         P, R, n, _ = hidden.shape
         cos, sin = self._rope(rope)
         cos, sin = cos[..., None, :], sin[..., None, :]
         prefix_len = self.prefix_len[slots]
         pi = torch.arange(slots.start, slots.start + P, device=hidden.device).view(P, 1, 1).expand(P, R, n)
-        li = torch.arange(lanes.start, lanes.start + R, device=hidden.device).view(1, R, 1).expand(P, R, n)
+        lane_ids = torch.arange(lanes.start, lanes.start + R, device=hidden.device) if isinstance(lanes, slice) else lanes
+        li = lane_ids.view(1, R, 1).expand(P, R, n)
         x = hidden.reshape(P * R * n, -1)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
@@ -174,22 +183,30 @@ class BatchDecoder:
         return self.lm.norm(x).view(P, R, n, -1)
 
     def _attend(self, slots: slice) -> int:
-        longest = int(self.prefix_len[slots].max()) if slots.stop > slots.start else 1
+        longest = max(self.prefix_len_host[slots], default=1)
         return min(self.capacity, max(1, -(-longest // self.bucket_tokens) * self.bucket_tokens))
 
     # --- a question's own tokens --------------------------------------------------------------------
 
-    def prefill(self, slot: int, lane: int, embeds: torch.Tensor, rope_start: int, *, last: int = 1) -> torch.Tensor:
-        """A question's tokens [n, hidden] into (slot, lane) from suffix position 0 (eager); fp32 logits
-        of the last ``last`` tokens [last, vocab]."""
-        n = embeds.shape[0]
+    def prefill(self, slot: int, lanes: list[int], embeds: list[torch.Tensor], rope_start: int,
+                picks: list[list[int]]) -> list[torch.Tensor]:
+        """Several questions about the prefix in ``slot`` in one forward (eager): ``embeds[k]`` [n_k,
+        hidden] into lane ``lanes[k]`` from suffix position 0, padded to the longest (the padding lies
+        after each question, so causal attention keeps it out, and decoding overwrites it). Returns, per
+        question, fp32 logits [len(picks[k]), vocab] at its positions ``picks[k]``."""
+        n = max(e.shape[0] for e in embeds)
         if n > self.suffix:
             raise ValueError(f"{n} question tokens exceed the lane's {self.suffix} positions")
-        slots, lanes = slice(slot, slot + 1), slice(lane, lane + 1)
-        rope = torch.arange(rope_start, rope_start + n, device=self.device).view(1, 1, n)
-        pos = torch.arange(n, device=self.device).view(1, 1, n)
-        hidden = self._forward(embeds.to(self.dtype).view(1, 1, n, -1), rope, pos, slots, lanes, self._attend(slots))
-        return self.lm_head(hidden[0, 0, -last:]).float()
+        k = len(embeds)
+        hidden = torch.zeros(1, k, n, embeds[0].shape[-1], dtype=self.dtype, device=self.device)
+        for r, e in enumerate(embeds):
+            hidden[0, r, : e.shape[0]] = e.to(self.dtype)
+        steps = torch.arange(n, device=self.device)
+        rope = (rope_start + steps).view(1, 1, n).expand(1, k, n)
+        pos = steps.view(1, 1, n).expand(1, k, n)
+        slots = slice(slot, slot + 1)
+        out = self._forward(hidden, rope, pos, slots, torch.tensor(lanes, device=self.device), self._attend(slots))
+        return [self.lm_head(out[0, r, torch.tensor(p, device=self.device)]).float() for r, p in enumerate(picks)]
 
     # --- one step of every lane ----------------------------------------------------------------------
 
@@ -209,8 +226,6 @@ class BatchDecoder:
         P, R = bucket(used_slots, SLOT_BUCKETS), bucket(used_lanes, LANE_BUCKETS)
         P, R = min(P, self.max_slots), min(R, self.max_lanes)
         attend = self._attend(slice(0, P))
-        if int(self.pos_in[:P, :R].max()) >= self.suffix:
-            raise ValueError(f"a lane exceeds its {self.suffix} suffix positions")
         if not self.graphs:
             self._step_body(P, R, attend)
         else:
