@@ -383,7 +383,6 @@ def main(argv: list[str] | None = None) -> int:
         y16 = F.linear(x[:1].half(), ws[0])
         rec["rel_err_vs_dequant"] = float((y4.float() - y16.float()).norm() / y16.float().norm())
 
-    engines: dict[str, object] = {}
     path7 = args.work / "7b"
     with b.stage("build_7b_checkpoint") as rec:
         rec.update(write_checkpoint(path7, text7, vision, group, b.dev))
@@ -395,62 +394,32 @@ def main(argv: list[str] | None = None) -> int:
         rec.update(resident_gib(e4))
         rec["vision_dtype"] = str(next(e4.model.model.visual.parameters()).dtype)
         rec["prefill_fused"] = e4.prefill_fused
-        engines["int4"] = e4
+    fp16_opts = replace(opts, decode_slots=2)
     with b.stage("load_7b_dequantized_fp16") as rec:
         t = time.perf_counter()
-        e16 = Engine.load(str(path7), replace(opts, decode_slots=2), awq_kernel="dequantize", dtype="float16")
+        e16 = Engine.load(str(path7), fp16_opts, awq_kernel="dequantize", dtype="float16")
         rec["load_s"] = time.perf_counter() - t
         rec.update(resident_gib(e16))
         rec["allocated_gib_both"] = rec.pop("allocated_gib")
-        engines["fp16"] = e16
     with b.stage("numerics_7b_int4_vs_dequantized_fp16") as rec:
         rec.update(logits_compare(e4, e16, 512 if not args.tiny else 64))
+    free(e16)  # the baseline comes back at the end: the 4-bit stages get the whole card first
+    del e16
+    long_and_short(b, e4, "int4", ctx_short, ctx_long, profile=True)
     if left_s() > 150:
+        sixty_minutes(b, e4, "7b", args.tiny)
+    if left_s() > 120:
         batching(b, e4, ctx_short * 8 if not args.tiny else 512, 24, args.tiny)
-    for label, e in (("int4", e4), ("fp16", e16)):
-        if left_s() < 60:
-            break
-        with b.stage(f"prefill_32k_7b_{label}", tokens=ctx_long) as rec:
-            tokens = synthetic_tokens(e, ctx_long)
-            e.prefill(tokens)
-            rec["prefill_s"] = b.timed(lambda: e.prefill(tokens), repeat=2, warmup=0)
-            rec["floor_s"] = 2.0 * tokens.n_tokens * lm_linear_params(e.model.config) / b.rate
-        for ctx in (ctx_short, ctx_long):
-            if left_s() < 40:
-                break
-            with b.stage(f"decode_{ctx}_7b_{label}") as rec:
-                tokens = synthetic_tokens(e, ctx, seed=2)
-                prefix = e.prefill(tokens)
-                rec.update(decode_ms(b, e, prefix, tokens, 36))
-            if label == "int4" and ctx == ctx_long and left_s() > 60:
-                profile_step(b, e, prefix, tokens)
-            del prefix
-        if label == "int4" and left_s() > 150:
-            sixty_minutes(b, e4, "7b", args.tiny)
-    free(e16)
-    del e16, engines["fp16"]
     free(e4)
     del e4
-    engines.clear()
-    if left_s() > 80:
-        path3 = args.work / "3b"
-        text3 = TINY if args.tiny else SIZES["3B"]
-        with b.stage("build_load_3b") as rec:
-            rec.update(write_checkpoint(path3, text3, vision, group, b.dev))
+    if left_s() > 60:  # the baseline: the same checkpoint dequantized to fp16 (today's path)
+        with b.stage("reload_7b_dequantized_fp16") as rec:
             t = time.perf_counter()
-            e3 = Engine.load(str(path3), opts)
+            e16 = Engine.load(str(path7), fp16_opts, awq_kernel="dequantize", dtype="float16")
             rec["load_s"] = time.perf_counter() - t
-            rec["quantization"] = e3.quantization
-            rec.update(resident_gib(e3))
-        with b.stage("decode_32k_3b_int4") as rec:
-            tokens = synthetic_tokens(e3, ctx_long, seed=4)
-            t = time.perf_counter()
-            prefix = e3.prefill(tokens)
-            rec["prefill_s"] = time.perf_counter() - t
-            rec.update(decode_ms(b, e3, prefix, tokens, 36))
-        del prefix
-        free(e3)
-        del e3
+        long_and_short(b, e16, "fp16", ctx_short, ctx_long, profile=False)
+        free(e16)
+        del e16
     if left_s() > 100:
         text72 = TINY if args.tiny else SIZES["72B"]
         with b.stage("build_72b_in_memory") as rec:
@@ -466,13 +435,57 @@ def main(argv: list[str] | None = None) -> int:
                 rec["prefill_s"] = time.perf_counter() - t
                 rec.update(decode_ms(b, e72, prefix, tokens, 20))
                 del prefix
-        if left_s() > 40:
+        if left_s() > 60:
             sixty_minutes(b, e72, "72b", args.tiny)
+        free(e72)
+        del e72
+    if left_s() > 60:
+        path3 = args.work / "3b"
+        text3 = TINY if args.tiny else SIZES["3B"]
+        with b.stage("build_load_3b") as rec:
+            rec.update(write_checkpoint(path3, text3, vision, group, b.dev))
+            t = time.perf_counter()
+            e3 = Engine.load(str(path3), opts)
+            rec["load_s"] = time.perf_counter() - t
+            rec["quantization"] = e3.quantization
+            rec.update(resident_gib(e3))
+        prefix = None
+        with b.stage("decode_32k_3b_int4") as rec:
+            tokens = synthetic_tokens(e3, ctx_long, seed=4)
+            t = time.perf_counter()
+            prefix = e3.prefill(tokens)
+            rec["prefill_s"] = time.perf_counter() - t
+            rec.update(decode_ms(b, e3, prefix, tokens, 36))
+        del prefix
+        free(e3)
+        del e3
     b.r["meta"]["elapsed_s"] = time.monotonic() - T0
     b.save()
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "top"} for k, v in b.r["stages"].items()},
                      default=str)[:6000])
     return 0
+
+
+def long_and_short(b: Bench, e, label: str, ctx_short: int, ctx_long: int, profile: bool) -> None:
+    """Prefill of a long context, then decode ms/token at a short and a long prefix."""
+    if left_s() < 60:
+        return
+    with b.stage(f"prefill_32k_7b_{label}", tokens=ctx_long) as rec:
+        tokens = synthetic_tokens(e, ctx_long)
+        e.prefill(tokens)
+        rec["prefill_s"] = b.timed(lambda: e.prefill(tokens), repeat=2, warmup=0)
+        rec["floor_s"] = 2.0 * tokens.n_tokens * lm_linear_params(e.model.config) / b.rate
+    for ctx in (ctx_short, ctx_long):
+        if left_s() < 40:
+            return
+        prefix = None
+        with b.stage(f"decode_{ctx}_7b_{label}") as rec:
+            tokens = synthetic_tokens(e, ctx, seed=2)
+            prefix = e.prefill(tokens)
+            rec.update(decode_ms(b, e, prefix, tokens, 36))
+        if profile and prefix is not None and ctx == ctx_long and left_s() > 60:
+            profile_step(b, e, prefix, tokens)
+        del prefix
 
 
 def free(engine) -> None:

@@ -230,8 +230,20 @@ class BatchDecoder:
             self._step_body(P, R, attend)
         else:
             key = (P, R, attend)
-            graph = self._graphs.get(key) or self._capture(key)
-            graph.replay()
+            graph = self._graphs.get(key)
+            if graph is None:
+                try:
+                    graph = self._capture(key)
+                except RuntimeError as exc:  # keep serving: eager steps are slower, never wrong
+                    log.warning("capturing a decode step failed (%s); decoding without CUDA graphs from now on",
+                                str(exc).splitlines()[0][:200])
+                    self.graphs = False
+                    self._graphs.clear()
+                    self._pool = None
+            if graph is None:
+                self._step_body(P, R, attend)
+            else:
+                graph.replay()
         return self.out_token[:P, :R].cpu(), self.out_prob[:P, :R].cpu()
 
     def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
