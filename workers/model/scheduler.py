@@ -137,9 +137,11 @@ class DecodeScheduler:
             row.slot, row.lane = place
             self.lanes[row.slot][row.lane] = row
             admitted.setdefault(row.slot, []).append(row)
-        for rows in admitted.values():
-            for start in range(0, len(rows), ADMIT_BATCH):
-                group = rows[start:start + ADMIT_BATCH]
+        for slot, rows in admitted.items():
+            n_tokens = max(len(r.q_ids) + len(r.scored) for r in rows)
+            size = min(ADMIT_BATCH, self.decoder.prefill_rows(slot, n_tokens))
+            for start in range(0, len(rows), size):
+                group = rows[start:start + size]
                 try:
                     self._prefill(group)
                 except BaseException as exc:  # noqa: BLE001

@@ -8,7 +8,7 @@ generated tokens). A decode step advances every active lane of every slot togeth
 * the linear layers run once over all lanes (``slots * lanes`` rows: the weights, which bound
   decoding, are read once per step, whatever the number of questions and videos);
 * attention reads each slot's prefix keys once for all of its lanes (``[slot, lane]`` queries times
-  ``[slot]`` keys) plus each lane's own suffix keys; the softmax is exact (fp32) over both.
+  ``[slot]`` keys) plus each lane's own suffix keys; one fp32 softmax over both.
 
 Questions join free lanes between steps (their question is prefilled alone, eagerly) and leave at
 once when done or cancelled, so concurrent jobs share steps (continuous batching); a prefix joins a
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 LANE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SLOT_BUCKETS = (1, 2, 4, 8, 16)
+PREFILL_SCORE_BYTES = 2 * 2**30
+"""Device memory the attention scores of one batched question prefill may take."""
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -122,71 +124,85 @@ class BatchDecoder:
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding in three kernels: x*cos + swap_halves(x) * [-sin, sin]."""
         half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin_signed)
 
-    def _attention(self, q, i, slots: slice, lanes, pos, prefix_len, attend: int):
-        """q [P, R, n, heads, d] (query positions ``pos`` [P, R, n] in the lanes' suffixes) -> [P, R, n, heads*d],
-        over slot prefixes (first ``prefix_len`` [P] of ``attend`` keys) and the lanes' suffix keys <= pos."""
+    @staticmethod
+    def _norm(x: torch.Tensor, norm) -> torch.Tensor:
+        """The model's RMSNorm (fp32 statistics, weight applied in the model's dtype), fused."""
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+        return norm.weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    def _attention(self, q, i, slots: slice, lanes, prefix_mask, causal, attend: int):
+        """q [P, R, n, heads, d] -> [P, R, n, heads*d], over slot prefixes (the first ``attend`` keys,
+        those past each slot's length masked by ``prefix_mask`` [P, 1, 1, A]) and the lanes' suffix
+        keys (``causal`` [P, R, 1, n*g, S] masks those after each query). One softmax (fp32) over
+        both key sets, as the model's eager attention does over one."""
         P, R, n = q.shape[:3]
         kv, g, d = self.kv_heads, self.groups, self.head_dim
-        qg = (q * self.scale).view(P, R, n, kv, g, d).permute(0, 3, 1, 2, 4, 5).reshape(P, kv, R * n * g, d)
+        q = q * self.scale
+        qg = q.view(P, R, n, kv, g, d).permute(0, 3, 1, 2, 4, 5).reshape(P, kv, R * n * g, d)
         pk, pv = self.pk[i][slots, :, :attend], self.pv[i][slots, :, :attend]  # [P, kv, A, d]
-        sp = torch.matmul(qg, pk.transpose(-1, -2)).float()  # [P, kv, R*n*g, A]
-        key = torch.arange(attend, device=q.device)
-        sp = sp.masked_fill_((key[None, :] >= prefix_len[:, None])[:, None, None, :], float("-inf"))
+        sp = torch.matmul(qg, pk.transpose(-1, -2)).masked_fill_(prefix_mask, float("-inf"))  # [P, kv, R*n*g, A]
         if isinstance(lanes, slice):
             sk, sv = self.sk[i][slots, lanes], self.sv[i][slots, lanes]  # [P, R, kv, S, d]
         else:  # a gathered copy of the few lanes being prefilled
             sk, sv = self.sk[i][slots][:, lanes], self.sv[i][slots][:, lanes]
-        qs = (q * self.scale).view(P, R, n, kv, g, d).permute(0, 1, 3, 2, 4, 5).reshape(P, R, kv, n * g, d)
-        ss = torch.matmul(qs, sk.transpose(-1, -2)).float()  # [P, R, kv, n*g, S]
-        skey = torch.arange(self.suffix, device=q.device)
-        causal = skey.view(1, 1, 1, -1) > pos[..., None]  # [P, R, n, S]
-        causal = causal.repeat_interleave(g, dim=2).unsqueeze(2)  # [P, R, 1, n*g, S]
-        ss = ss.masked_fill_(causal, float("-inf"))
-        # Joint softmax over [prefix keys, suffix keys].
-        sp_r = sp.view(P, kv, R, n * g, attend).permute(0, 2, 1, 3, 4)  # [P, R, kv, n*g, A]
-        m = torch.maximum(sp_r.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
-        ep, es = torch.exp(sp_r - m), torch.exp(ss - m)
-        z = ep.sum(-1, keepdim=True) + es.sum(-1, keepdim=True)
-        ep_f = ep.permute(0, 2, 1, 3, 4).reshape(P, kv, R * n * g, attend).to(self.dtype)
-        out_p = torch.matmul(ep_f, pv).float().view(P, kv, R, n * g, d).permute(0, 2, 1, 3, 4)
-        out_s = torch.matmul(es.to(self.dtype), sv).float()
-        out = ((out_p + out_s) / z).to(self.dtype)  # [P, R, kv, n*g, d]
+        qs = q.view(P, R, n, kv, g, d).permute(0, 1, 3, 2, 4, 5).reshape(P, R, kv, n * g, d)
+        ss = torch.matmul(qs, sk.transpose(-1, -2)).masked_fill_(causal, float("-inf"))  # [P, R, kv, n*g, S]
+        ss = ss.permute(0, 2, 1, 3, 4).reshape(P, kv, R * n * g, self.suffix)
+        w = torch.softmax(torch.cat((sp, ss), dim=-1), dim=-1, dtype=torch.float32).to(self.dtype)
+        out_p = torch.matmul(w[..., :attend], pv).view(P, kv, R, n * g, d).permute(0, 2, 1, 3, 4)
+        ws = w[..., attend:].reshape(P, kv, R, n * g, self.suffix).permute(0, 2, 1, 3, 4)  # [P, R, kv, n*g, S]
+        out = out_p + torch.matmul(ws, sv)  # [P, R, kv, n*g, d]
         return out.view(P, R, kv, n, g, d).permute(0, 1, 3, 2, 4, 5).reshape(P, R, n, kv * g * d)
 
     def _forward(self, hidden, rope, pos, slots: slice, lanes, attend: int):
         """hidden [P, R, n, hidden] at rope ids / suffix positions [P, R, n]; writes the lanes' K/V.
-        ``lanes``: a slice, or a tensor of lane indices (with one slot)."""
+        ``lanes``: a slice, or a tensor of lane indices (with one slot). Everything that is the same
+        in every layer (rotary tables, masks, scatter indices) is built once here."""
         P, R, n, _ = hidden.shape
         cos, sin = self._rope(rope)
-        cos, sin = cos[..., None, :], sin[..., None, :]
-        prefix_len = self.prefix_len[slots]
+        half = cos.shape[-1] // 2
+        sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[..., None, :]
+        cos = cos[..., None, :]
+        key = torch.arange(attend, device=hidden.device)
+        prefix_mask = (key[None, :] >= self.prefix_len[slots][:, None])[:, None, None, :]
+        skey = torch.arange(self.suffix, device=hidden.device)
+        causal = (skey.view(1, 1, 1, -1) > pos[..., None]).repeat_interleave(self.groups, dim=2).unsqueeze(2)
         pi = torch.arange(slots.start, slots.start + P, device=hidden.device).view(P, 1, 1).expand(P, R, n)
         lane_ids = torch.arange(lanes.start, lanes.start + R, device=hidden.device) if isinstance(lanes, slice) else lanes
         li = lane_ids.view(1, R, 1).expand(P, R, n)
         x = hidden.reshape(P * R * n, -1)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
-            h = layer.input_layernorm(x)
+            h = self._norm(x, layer.input_layernorm)
             q = a.q_proj(h).view(P, R, n, self.heads, self.head_dim)
             k = a.k_proj(h).view(P, R, n, self.kv_heads, self.head_dim)
             v = a.v_proj(h).view(P, R, n, self.kv_heads, self.head_dim)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            q, k = self._rotate(q, cos, sin_signed), self._rotate(k, cos, sin_signed)
             self.sk[i][pi, li, :, pos] = k
             self.sv[i][pi, li, :, pos] = v
-            att = self._attention(q, i, slots, lanes, pos, prefix_len, attend)
+            att = self._attention(q, i, slots, lanes, prefix_mask, causal, attend)
             x = x + a.o_proj(att.reshape(P * R * n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm.norm(x).view(P, R, n, -1)
+            x = x + layer.mlp(self._norm(x, layer.post_attention_layernorm))
+        return self._norm(x, self.lm.norm).view(P, R, n, -1)
 
     def _attend(self, slots: slice) -> int:
         longest = max(self.prefix_len_host[slots], default=1)
         return min(self.capacity, max(1, -(-longest // self.bucket_tokens) * self.bucket_tokens))
 
     # --- a question's own tokens --------------------------------------------------------------------
+
+    def prefill_rows(self, slot: int, n_tokens: int) -> int:
+        """How many questions of ``n_tokens`` tokens one prefill forward takes: their attention scores
+        (bf16, then fp32 probabilities and their bf16 copy) stay within PREFILL_SCORE_BYTES."""
+        keys = self._attend(slice(slot, slot + 1)) + self.suffix
+        per_row = n_tokens * self.heads * keys * (2 + 4 + 2)
+        return max(1, int(PREFILL_SCORE_BYTES // per_row))
+
 
     def prefill(self, slot: int, lanes: list[int], embeds: list[torch.Tensor], rope_start: int,
                 picks: list[list[int]]) -> list[torch.Tensor]:
