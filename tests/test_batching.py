@@ -102,3 +102,30 @@ def test_a_cancelled_caller_leaves_and_the_others_finish_right(engines, videos):
     assert "cancelled" in box and not t.is_alive()
     assert survivor == want
     assert batched._scheduler._active() == [] and not batched._scheduler.waiting  # every lane freed
+
+
+def test_a_lone_question_decodes_in_the_lowest_slot(engines, videos):
+    """Prefixes that stay resident after their questions end do not widen later steps: each new
+    question takes the lowest idle slot (its prefix moved there), so one question = one slot."""
+    eager, batched = engines
+    sched = batched._scheduler
+    prefixes = [batched.prefill(v) for v in videos]
+    widths: list[int] = []
+    step = sched.decoder.step
+
+    def recording(used_slots, used_lanes):
+        widths.append(used_slots)
+        return step(used_slots, used_lanes)
+
+    sched.decoder.step = recording
+    try:
+        for v, p in [(videos[0], prefixes[0]), (videos[1], prefixes[1]), (videos[2], prefixes[2]),
+                     (videos[0], prefixes[0])]:
+            got = batched.generate(v, [QUERIES[1]], max_new_tokens=6, prefix=p)
+            assert texts(got) == texts(eager.generate(v, [QUERIES[1]], max_new_tokens=6))
+    finally:
+        sched.decoder.step = step
+    assert widths and set(widths) == {1}
+    held = [ident for ident in sched.decoder.slot_identity if ident is not None]
+    assert sched.decoder.slot_identity[0] == (id(prefixes[0].cache), prefixes[0].length, prefixes[0].key)
+    assert len(held) == len(set(held))  # a prefix moved down is not also kept higher up

@@ -30,8 +30,10 @@ from moments.workers.model.awq import dequantize_awq, unpack_awq
 
 log = logging.getLogger(__name__)
 
-INT4_KERNEL_MAX_ROWS = 64
-"""Up to this many rows (tokens x batch) the int4 kernel runs; above it, dequantize + cuBLAS."""
+INT4_KERNEL_MAX_ROWS = 256
+"""Up to this many rows (tokens x batch: every batched decode step, 16 slots x 16 lanes) the int4
+kernel runs; above it (prefill), dequantize + cuBLAS. A step being captured as a CUDA graph always
+takes the kernel: a graph must never copy the weights from the host."""
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 _CHECKED: dict[str, bool] = {}
 _CHECK_LOCK = threading.Lock()
@@ -149,7 +151,7 @@ class Int4Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel and x2.shape[0] <= INT4_KERNEL_MAX_ROWS:
+        if self.kernel and (x2.shape[0] <= INT4_KERNEL_MAX_ROWS or torch.cuda.is_current_stream_capturing()):
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size,
                                           self.scales_and_zeros).to(x.dtype)
             if self.bias is not None:

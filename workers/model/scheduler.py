@@ -152,18 +152,19 @@ class DecodeScheduler:
                         raise
 
     def _place(self, row: Row) -> tuple[int, int] | None:
+        """(slot, lane) for ``row``: a free lane of the slot already decoding its prefix; else the
+        lowest slot with nothing decoding, its prefix loaded there (moved down if it sits higher):
+        a step spans slots [0, highest in use], so keeping them low keeps steps narrow."""
         d = self.decoder
         identity = (id(row.prefix.cache), row.prefix.length, row.prefix.key)
         slot = d.slot_of(identity)
-        if slot is not None and None in self.lanes[slot]:
-            return slot, self.lanes[slot].index(None)
-        if slot is None:
-            free = [s for s in range(d.max_slots) if all(r is None for r in self.lanes[s])]
-            if free:
-                slot = next((s for s in free if d.slot_identity[s] is None), free[0])
-                d.load(slot, row.prefix.cache, row.prefix.length, identity)
-                return slot, 0
-        return None
+        if slot is not None and any(r is not None for r in self.lanes[slot]):
+            return (slot, self.lanes[slot].index(None)) if None in self.lanes[slot] else None
+        idle = next((s for s in range(d.max_slots) if all(r is None for r in self.lanes[s])), None)
+        if idle is None:
+            return None
+        d.load(idle, row.prefix.cache, row.prefix.length, identity)
+        return idle, 0
 
     def _prefill(self, rows: list[Row]) -> None:
         """The questions of ``rows`` (one slot) in one forward, each followed by the teacher-forced

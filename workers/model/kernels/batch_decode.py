@@ -108,6 +108,8 @@ class BatchDecoder:
         """Copy a transformers cache's first ``length`` positions into ``slot``."""
         if self.slot_identity[slot] == identity:
             return
+        if identity in self.slot_identity:  # it moves here: one copy of a prefix at a time
+            self.slot_identity[self.slot_identity.index(identity)] = None
         self._reserve(length)
         for i, layer in enumerate(cache.layers):
             self.pk[i][slot, :, :length].copy_(layer.keys[0, :, :length])
