@@ -117,7 +117,11 @@ def cmd_ask(args) -> int:
 
     queries = [args.query, *(args.extra_query or [])]
     with _client(args) as client:
+        from moments.app.client import search_options
+
+        search = search_options(args.search or "", min_event_s=args.min_event_s or 0.0)
         events = client.stream_localize(args.video, queries, max_new_tokens=args.max_new_tokens,
+                                        min_confidence=args.min_confidence or 0.0, search=search,
                                         timeout_s=args.timeout)
         return print_events(events, queries, as_json=args.json)
 
@@ -187,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--query", dest="extra_query", action="append", help="another query")
             p.add_argument("--json", action="store_true")
             p.add_argument("--max-new-tokens", type=int, default=0)
+            p.add_argument("--min-confidence", type=float, default=None,
+                           help="segments scoring below this are dropped (0-1; default: the server's)")
+            p.add_argument("--search", choices=["off", "auto"], default=None,
+                           help="coarse-to-fine search through long videos (default: the server's)")
+            p.add_argument("--min-event-s", type=float, default=None,
+                           help="the shortest event a search must not miss (seconds)")
             p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
         elif name == "delete":
             p.add_argument("video")

@@ -76,14 +76,30 @@ def upload_messages(
                 progress(offset, size)
 
 
+def search_options(mode: str = "", *, min_event_s: float = 0.0, max_rounds: int = 0, max_passes: int = 0,
+                   max_visual_tokens: int = 0) -> pb.SearchOptions:
+    """SearchOptions from plain values ("off" / "auto" / "" for the server's default; 0 = default)."""
+    modes = {"": pb.SearchOptions.MODE_UNSPECIFIED, "off": pb.SearchOptions.OFF, "auto": pb.SearchOptions.AUTO}
+    if mode not in modes:
+        raise ValueError(f"search mode {mode!r}: expected off or auto")
+    options = pb.SearchOptions(mode=modes[mode], max_rounds=max_rounds, max_passes=max_passes,
+                               max_visual_tokens=max_visual_tokens)
+    if min_event_s:
+        options.min_event.FromMilliseconds(round(min_event_s * 1000))
+    return options
+
+
 def localize_request(
-    video_id: str, queries: Sequence[str], sampling: SamplingRequest | None, max_new_tokens: int
+    video_id: str, queries: Sequence[str], sampling: SamplingRequest | None, max_new_tokens: int,
+    min_confidence: float = 0.0, search: pb.SearchOptions | None = None,
 ) -> pb.LocalizeRequest:
     return pb.LocalizeRequest(
         video_id=video_id,
         queries=list(queries),
         sampling=(sampling or SamplingRequest()).to_pb(),
         max_new_tokens=max_new_tokens,
+        min_confidence=min_confidence,
+        search=search,
     )
 
 
@@ -163,15 +179,18 @@ class MomentsClient:
         raise error
 
     def localize(self, video_id: str, queries: Sequence[str], *, sampling: SamplingRequest | None = None,
-                 max_new_tokens: int = 0, timeout_s: float | None = None) -> pb.LocalizeResponse:
-        return self.stub.Localize(localize_request(video_id, queries, sampling, max_new_tokens),
-                                  metadata=self.metadata, timeout=timeout_s)
+                 max_new_tokens: int = 0, min_confidence: float = 0.0, search: pb.SearchOptions | None = None,
+                 timeout_s: float | None = None) -> pb.LocalizeResponse:
+        """``min_confidence`` 0 = the server's default; ``search``: see :func:`search_options`."""
+        request = localize_request(video_id, queries, sampling, max_new_tokens, min_confidence, search)
+        return self.stub.Localize(request, metadata=self.metadata, timeout=timeout_s)
 
     def stream_localize(self, video_id: str, queries: Sequence[str], *,
                         sampling: SamplingRequest | None = None, max_new_tokens: int = 0,
+                        min_confidence: float = 0.0, search: pb.SearchOptions | None = None,
                         timeout_s: float | None = None) -> Iterable[pb.JobEvent]:
-        return self.stub.StreamLocalize(localize_request(video_id, queries, sampling, max_new_tokens),
-                                        metadata=self.metadata, timeout=timeout_s)
+        request = localize_request(video_id, queries, sampling, max_new_tokens, min_confidence, search)
+        return self.stub.StreamLocalize(request, metadata=self.metadata, timeout=timeout_s)
 
     def index(self, video_id: str, *, sampling: SamplingRequest | None = None,
               timeout_s: float | None = None) -> Iterable[pb.JobEvent]:
@@ -227,15 +246,17 @@ class AsyncMomentsClient:
 
     async def localize(self, video_id: str, queries: Sequence[str], *,
                        sampling: SamplingRequest | None = None, max_new_tokens: int = 0,
+                       min_confidence: float = 0.0, search: pb.SearchOptions | None = None,
                        timeout_s: float | None = None) -> pb.LocalizeResponse:
-        return await self.stub.Localize(localize_request(video_id, queries, sampling, max_new_tokens),
-                                        metadata=self.metadata, timeout=timeout_s)
+        request = localize_request(video_id, queries, sampling, max_new_tokens, min_confidence, search)
+        return await self.stub.Localize(request, metadata=self.metadata, timeout=timeout_s)
 
     def stream_localize(self, video_id: str, queries: Sequence[str], *,
                         sampling: SamplingRequest | None = None, max_new_tokens: int = 0,
+                        min_confidence: float = 0.0, search: pb.SearchOptions | None = None,
                         timeout_s: float | None = None):
-        return self.stub.StreamLocalize(localize_request(video_id, queries, sampling, max_new_tokens),
-                                        metadata=self.metadata, timeout=timeout_s)
+        request = localize_request(video_id, queries, sampling, max_new_tokens, min_confidence, search)
+        return self.stub.StreamLocalize(request, metadata=self.metadata, timeout=timeout_s)
 
     async def get_video(self, video_id: str) -> pb.Video:
         return await self.stub.GetVideo(pb.GetVideoRequest(video_id=video_id), metadata=self.metadata)
