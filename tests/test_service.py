@@ -82,6 +82,7 @@ def test_upload_then_localize_two_queries_and_repeat_hits_cache(client, video_fi
     assert stats.visual_tokens == stats.frames // 2 * (stats.frame_width // 28) * (stats.frame_height // 28)
     assert {"decode", "encode", "prefill", "generate", "total"} <= set(stats.stage_ms)
     assert stats.worker and stats.model and stats.attempt == 1
+    assert stats.weights == "none"  # the tiny model is not quantized
 
     again = client.localize(video.video_id, queries, timeout_s=120)
     assert again.stats.cache == pb.CACHE_HIT_KV
@@ -241,3 +242,24 @@ def test_metrics_endpoint_counts_requests_stages_and_cache(client, stack, video_
     assert 'moments_requests_total{code="OK",method="Localize"}' in body
     assert 'moments_stage_seconds_count{stage="generate"}' in body
     assert "moments_token_cache_total" in body and "moments_queue_jobs" in body
+
+
+def test_questions_in_any_language_or_form_get_an_answer_and_symbols_a_reason(client, video_file):
+    """Other languages, scripts, case and bare phrases are questions like any other (an answer: found
+    with segments inside the video, or found: false); a query of only punctuation, symbols or emoji is
+    INVALID_ARGUMENT naming it."""
+    video_id = client.upload(video_file).video.video_id
+    queries = ["¿Cuándo aparece el círculo rojo?", "赤い円はいつ現れますか", "RED CIRCLE", "red circle",
+               "Когда появляется красный круг?", "a red circle 🔴 appears"]
+    response = client.localize(video_id, queries, timeout_s=120)
+    assert [r.query for r in response.results] == queries
+    for r in response.results:
+        assert r.found == bool(r.segments) and 0.0 <= r.score <= 1.0
+        assert all(0 <= s.start_offset.ToNanoseconds() < s.end_offset.ToNanoseconds() <= 12.0e9 + 1e6
+                   for s in r.segments)
+    for junk in ["?!...", "🔴🔵", "—"]:
+        with pytest.raises(grpc.RpcError) as err:
+            client.localize(video_id, ["the red circle appears", junk], timeout_s=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in bad_request(err.value).field_violations] == ["queries[1]"]
+        assert "letter or digit" in err.value.details()

@@ -114,6 +114,7 @@ class Pipeline:
         job, plan = work.job, work.plan
         stats = JobStats(sampled_fps=plan.fps, frames=plan.frames, visual_tokens=plan.visual_tokens,
                          frame_width=plan.width, frame_height=plan.height, model=self.engine.model_name,
+                         weights=self.engine.quantization,
                          effective_sampling=_request_fields(work.options), rounds=1)
         coarse = search.coarse_windows(work.info, work.options, job.search)
         if job.kind == KIND_INDEX:  # warm what the questions' coarse passes will read

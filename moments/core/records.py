@@ -6,6 +6,7 @@ Each record owns its conversions: ``to_pb``/``from_pb`` for the public API and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -259,6 +260,8 @@ class JobStats:
     rounds: int = 0
     passes: int = 0
     total_visual_tokens: int = 0
+    weights: str = ""
+    """How the worker runs the weights (the engine's ``quantization``: awq-int4, awq-gptqmodel, ...)."""
 
     def to_pb(self) -> pb.JobStats:
         effective = SamplingRequest(**self.effective_sampling).to_pb() if self.effective_sampling else None
@@ -277,11 +280,14 @@ class JobStats:
             worker=self.worker,
             model=self.model,
             attempt=self.attempt,
+            weights=self.weights,
         )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobStats":
-        return cls(**d)
+        """Fields this version does not know (a newer worker's) are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 KIND_LOCALIZE = "localize"

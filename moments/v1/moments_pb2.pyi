@@ -254,7 +254,7 @@ class QueryResult(_message.Message):
     def __init__(self, query_index: _Optional[int] = ..., query: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., raw_answer: _Optional[str] = ..., found: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
 
 class JobStats(_message.Message):
-    __slots__ = ("sampled_fps", "frames", "visual_tokens", "frame_width", "frame_height", "cache", "stage_ms", "worker", "model", "attempt", "effective_sampling", "rounds", "passes", "total_visual_tokens")
+    __slots__ = ("sampled_fps", "frames", "visual_tokens", "frame_width", "frame_height", "cache", "stage_ms", "worker", "model", "attempt", "effective_sampling", "rounds", "passes", "total_visual_tokens", "weights")
     class StageMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,7 @@ class JobStats(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     PASSES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     sampled_fps: float
     frames: int
     visual_tokens: int
@@ -290,7 +291,8 @@ class JobStats(_message.Message):
     rounds: int
     passes: int
     total_visual_tokens: int
-    def __init__(self, sampled_fps: _Optional[float] = ..., frames: _Optional[int] = ..., visual_tokens: _Optional[int] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., cache: _Optional[_Union[CacheOutcome, str]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., model: _Optional[str] = ..., attempt: _Optional[int] = ..., effective_sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., rounds: _Optional[int] = ..., passes: _Optional[int] = ..., total_visual_tokens: _Optional[int] = ...) -> None: ...
+    weights: str
+    def __init__(self, sampled_fps: _Optional[float] = ..., frames: _Optional[int] = ..., visual_tokens: _Optional[int] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., cache: _Optional[_Union[CacheOutcome, str]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., model: _Optional[str] = ..., attempt: _Optional[int] = ..., effective_sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., rounds: _Optional[int] = ..., passes: _Optional[int] = ..., total_visual_tokens: _Optional[int] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class LocalizeResponse(_message.Message):
     __slots__ = ("job_id", "results", "stats")
