@@ -24,6 +24,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
+class QuantizationError(ValueError):
+    """A checkpoint the 4-bit kernels cannot run; ``field`` names the config entry or tensor at fault."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
 BITS = 4
 PACK = 32 // BITS
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -125,7 +133,6 @@ def dequantized_state_dict(model_dir: Path, group_size: int, dtype: torch.dtype)
 
 def check_awq_config(qcfg: dict) -> int:
     """The group size of a runnable AWQ GEMM config; a QuantizationError naming the field otherwise."""
-    from moments.workers.model.quant import QuantizationError
 
     if qcfg.get("bits", 4) != BITS:
         raise QuantizationError(f"{qcfg.get('bits')} bits; only {BITS}-bit AWQ runs here", "quantization_config.bits")
@@ -143,7 +150,6 @@ def check_awq_config(qcfg: dict) -> int:
 
 def check_awq_tensors(base: str, qweight, qzeros, scales, group_size: int) -> None:
     """Raise QuantizationError naming the tensor when one is missing or the shapes disagree."""
-    from moments.workers.model.quant import QuantizationError
 
     for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
         if t is None:

@@ -26,7 +26,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from moments.workers.model.awq import dequantize_awq, unpack_awq
+from moments.workers.model.awq import QuantizationError, dequantize_awq, unpack_awq
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ takes the kernel: a graph must never copy the weights from the host."""
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 _CHECKED: dict[str, bool] = {}
 _CHECK_LOCK = threading.Lock()
-
-
-class QuantizationError(ValueError):
-    """A checkpoint the 4-bit kernels cannot run; ``field`` names the config entry or tensor at fault."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def int4_kernel_available(device: torch.device) -> bool:
