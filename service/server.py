@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from moments.core.blobs import open_blob_store
+from moments.core.blob_backends import open_blob_store
 from moments.core.config import Settings
 from moments.core.redis_client import connect
 from moments.service.auth import Authenticator, parse_api_keys

@@ -9,14 +9,13 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from moments.core import errors, keys
-from moments.core.blobs import SHA256_RE, BlobStore
+from moments.core.blobs import SHA256_RE, BlobStore, Staging, check_upload_id
 from moments.core.config import Settings
 from moments.core.locks import RedisLock
 from moments.core.records import UploadChunk, UploadHeader, VideoInfo
@@ -94,35 +93,35 @@ class Uploads:
                 await self._refresh_expiry(state)
 
     async def _receive(self, state: UploadState, chunks: AsyncIterator[UploadChunk], lock: RedisLock) -> UploadOutcome:
-        part = self.blobs.part_path(state.upload_id)
-        hasher = hashlib.sha256()
+        staging = None
         try:
-            committed = await asyncio.to_thread(_rehash, part, hasher)
-            with open(part, "ab") as f:
-                async for chunk in chunks:
-                    committed = await self._write(state, f, hasher, committed, chunk)
-                    await self._keep_hold(state, lock, committed)
-            if committed < state.size_bytes:
+            staging = await asyncio.to_thread(self.blobs.open_staging, state.upload_id)
+            received = staging.durable_bytes
+            async for chunk in chunks:
+                received = await self._write(state, staging, received, chunk)
+                await self._keep_hold(state, lock, staging)
+            if received < state.size_bytes:
+                committed = await asyncio.to_thread(staging.settle)
                 raise errors.FailedPrecondition(
                     f"upload incomplete: {committed} of {state.size_bytes} bytes committed",
                     committed_bytes=committed,
                     upload_id=state.upload_id,
                 )
-            return await self._finish(state, part, hasher.hexdigest())
+            return await self._finish(state, staging)
         except OSError as exc:
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise
             # Nothing half-written stays behind: the client starts over once there is room.
-            await self._discard(state)
+            await self._discard(state, staging)
             log.warning("upload %s dropped: %s", state.upload_id, exc.strerror)
             raise errors.ResourceExhausted("server disk is full", retry_after_s=60.0) from exc
+        finally:
+            if staging is not None:
+                await asyncio.to_thread(staging.close)
 
     async def status(self, tenant: str, upload_id: str) -> tuple[UploadState, int]:
         state = await self._load(tenant, upload_id)
-        try:
-            return state, self.blobs.part_path(upload_id).stat().st_size
-        except FileNotFoundError:
-            return state, 0
+        return state, await asyncio.to_thread(self.blobs.staged_bytes, upload_id)
 
     async def expire_abandoned(self) -> int:
         """Remove partial uploads whose expiry passed; returns how many went.
@@ -143,7 +142,7 @@ class Uploads:
                 if expire_s is None or expire_s > now:  # finished or resumed meanwhile
                     continue
                 try:
-                    self.blobs.part_path(upload_id).unlink(missing_ok=True)
+                    await asyncio.to_thread(self.blobs.discard_staging, upload_id)
                 except ValueError:  # not an upload id: drop the stray entry
                     pass
                 await self.redis.delete(keys.upload(upload_id))
@@ -159,13 +158,13 @@ class Uploads:
         async with lock.held() as taken:
             yield lock if taken else None
 
-    async def _keep_hold(self, state: UploadState, lock: RedisLock, committed: int) -> None:
+    async def _keep_hold(self, state: UploadState, lock: RedisLock, staging: Staging) -> None:
         # A lapsed hold nobody took is taken back, while the upload still exists (the janitor may
         # have removed it meanwhile).
         if not await lock.refresh(retake_while=keys.upload(state.upload_id)):  # the stream stalled past the lock and the upload expired or was taken over
             raise errors.FailedPrecondition(
                 "the upload expired or another stream took it over while this one was idle",
-                committed_bytes=committed, upload_id=state.upload_id,
+                committed_bytes=await asyncio.to_thread(staging.settle), upload_id=state.upload_id,
             )
 
     async def _refresh_expiry(self, state: UploadState) -> None:
@@ -224,8 +223,9 @@ class Uploads:
         await self._save(state)
         return state
 
-    async def _write(self, state, f, hasher, committed: int, chunk: UploadChunk) -> int:
-        if chunk.offset != committed:
+    async def _write(self, state: UploadState, staging: Staging, received: int, chunk: UploadChunk) -> int:
+        if chunk.offset != received:
+            committed = await asyncio.to_thread(staging.settle)
             raise errors.FailedPrecondition(
                 f"chunk offset {chunk.offset} != committed offset {committed}",
                 committed_bytes=committed,
@@ -235,25 +235,25 @@ class Uploads:
             raise errors.InvalidArgument(
                 f"chunk of {len(chunk.data)} bytes exceeds {MAX_CHUNK_BYTES}", field="chunk.data"
             )
-        if committed + len(chunk.data) > state.size_bytes:
+        if received + len(chunk.data) > state.size_bytes:
             raise errors.InvalidArgument(
                 f"data beyond the declared size of {state.size_bytes} bytes", field="chunk.data"
             )
-        await asyncio.to_thread(_append, f, chunk.data)
-        hasher.update(chunk.data)
+        await asyncio.to_thread(staging.append, chunk.data)
         metrics.UPLOAD_BYTES.inc(len(chunk.data))
-        return committed + len(chunk.data)
+        return received + len(chunk.data)
 
-    async def _finish(self, state: UploadState, part: Path, digest: str) -> UploadOutcome:
+    async def _finish(self, state: UploadState, staging: Staging) -> UploadOutcome:
+        digest = await asyncio.to_thread(staging.finish)
         if digest != state.sha256:
-            await self._discard(state)
+            await self._discard(state, staging)
             raise errors.InvalidArgument(
                 f"sha256 of the received bytes is {digest}, not {state.sha256}",
                 field="header.sha256",
             )
         try:
             info = await probe_file_async(
-                part,
+                await asyncio.to_thread(staging.probe_target),
                 video_id=state.sha256,
                 size_bytes=state.size_bytes,
                 filename=state.filename,
@@ -263,25 +263,27 @@ class Uploads:
                 max_pixels=self.settings.max_pixels_per_frame,
             )
         except errors.InvalidVideo:
-            await self._discard(state)
+            await self._discard(state, staging)
             raise
-        await asyncio.to_thread(self.blobs.sync, part)
         async with self.catalog.exclusive(state.sha256):
-            await asyncio.to_thread(self.blobs.commit, part, state.sha256)
+            await asyncio.to_thread(self.blobs.commit, staging, state.sha256)
             video = await self.catalog.add(state.tenant, info)
         await self.redis.delete(keys.upload(state.upload_id))
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
         log.info("upload %s stored video %s (%d bytes)", state.upload_id, state.sha256, state.size_bytes)
         return UploadOutcome(video, False, state.upload_id)
 
-    async def _discard(self, state: UploadState) -> None:
-        self.blobs.part_path(state.upload_id).unlink(missing_ok=True)
+    async def _discard(self, state: UploadState, staging: Staging | None) -> None:
+        if staging is not None:
+            await asyncio.to_thread(staging.discard)
+        else:
+            await asyncio.to_thread(self.blobs.discard_staging, state.upload_id)
         await self.redis.delete(keys.upload(state.upload_id))
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
 
     async def _load(self, tenant: str, upload_id: str) -> UploadState:
         try:
-            self.blobs.part_path(upload_id)
+            check_upload_id(upload_id)
         except ValueError:
             raise errors.InvalidArgument("malformed upload_id", field="upload_id") from None
         raw = await self.redis.hgetall(keys.upload(upload_id))
@@ -298,20 +300,3 @@ class Uploads:
             pipe.zadd(keys.UPLOADS_BY_EXPIRY, {state.upload_id: state.expire_s})
             await pipe.execute()
 
-
-def _append(f, data: bytes) -> None:
-    f.write(data)
-    f.flush()
-
-
-def _rehash(part: Path, hasher) -> int:
-    """Feed an existing partial file into ``hasher`` (on resume); returns its size."""
-    if not part.exists():
-        part.touch()
-        return 0
-    size = 0
-    with open(part, "rb") as f:
-        while block := f.read(4 * 1024 * 1024):
-            hasher.update(block)
-            size += len(block)
-    return size

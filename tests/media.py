@@ -271,3 +271,28 @@ def make_mjpeg_claiming(path: str | os.PathLike, width: int, height: int) -> Pat
         at = data.find(sof, at + 1)
     path.write_bytes(bytes(data))
     return path
+
+
+def make_large_video(path: str | os.PathLike, min_bytes: int, *, width: int = 320, height: int = 240,
+                     fps: int = 10, seed: int = 0) -> Path:
+    """A real H.264 MP4 of at least ``min_bytes``, written fast: lossless noise frames (~180 KB each
+    at 320x240), for uploads that span several S3 parts."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    frame_bytes = width * height * 3 // 2
+    frames = max(4, int(min_bytes / (frame_bytes * 1.5)) + 2)  # lossless noise: ~1.6 bytes per raw byte
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.options = {"preset": "ultrafast", "qp": "0"}
+        for i in range(frames):
+            planes = rng.integers(0, 256, size=(height * 3 // 2, width), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    if path.stat().st_size < min_bytes:
+        raise AssertionError(f"{path} came out {path.stat().st_size} bytes, under {min_bytes}")
+    return path

@@ -19,20 +19,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
 import resource
 import statistics
+import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from moments.core.config import Settings
 from moments.core.errors import InvalidVideo
 from moments.core.records import VideoInfo
+from moments.media.remote import RangeReader, is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import av.container
@@ -103,8 +106,11 @@ def _looks_like_text(head: bytes) -> bool:
     return bad <= max(1, len(text) // 100)
 
 
-def open_container(path: str | os.PathLike, *, max_pixels: int | None = None) -> "av.container.InputContainer":
-    """Open ``path`` with PyAV, forcing the sniffed allowlisted demuxer and the file protocol only.
+def open_container(source: str | os.PathLike | BinaryIO, *,
+                   max_pixels: int | None = None) -> "av.container.InputContainer":
+    """Open ``source`` (a path, or a seekable binary file such as a
+    :class:`~moments.media.remote.RangeReader`) with PyAV, forcing the sniffed allowlisted demuxer
+    and the file protocol only.
 
     ``max_pixels`` is set on every video decoder, so a frame header that lies about its size
     makes decoding fail instead of allocating it. (FFmpeg's own stream analysis at open is
@@ -112,18 +118,80 @@ def open_container(path: str | os.PathLike, *, max_pixels: int | None = None) ->
     """
     import av
 
-    with open(path, "rb") as f:
-        head = f.read(SNIFF_BYTES)
-    fmt = sniff_format(head)
+    fmt = sniff_format(_head(source))
+    opened = source if hasattr(source, "read") else os.fspath(source)
     options = {"protocol_whitelist": "file"}
     try:
-        container = av.open(str(path), format=fmt, options=options)
+        container = av.open(opened, format=fmt, options=options)
     except (av.error.FFmpegError, ValueError) as exc:
-        raise InvalidVideo(f"cannot read the {fmt} container: {_ffmpeg_reason(exc)}") from exc
+        raise InvalidVideo(f"cannot read the {fmt} container: {_open_failure(exc, fmt, source)}") from exc
     if max_pixels:
         for stream in container.streams.video:
             stream.codec_context.options = {"max_pixels": str(int(max_pixels))}
     return container
+
+
+_MP4_TOP_BOXES = _MP4_BOXES | {b"moof", b"mfra", b"sidx", b"styp", b"meta", b"prft", b"emsg", b"ssix"}
+
+
+def mp4_truncation(f: BinaryIO) -> str | None:
+    """Why an MP4/MOV file is incomplete, from its top-level boxes: one that runs past the end of
+    the file, or no ``moov`` (the index) at all. None when the boxes add up (or stop being boxes:
+    trailing bytes that are not a known box are not evidence of a cut)."""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    offset, seen = 0, set()
+    while offset < size:
+        f.seek(offset)
+        header = f.read(16)
+        if len(header) < 8:
+            return f"the file is incomplete (truncated at {size} bytes, inside a box header)"
+        box_bytes, kind = struct.unpack(">I4s", header[:8])
+        if kind not in _MP4_TOP_BOXES:
+            return None
+        if box_bytes == 1:
+            if len(header) < 16:
+                return f"the file is incomplete (truncated at {size} bytes, inside a box header)"
+            box_bytes = struct.unpack(">Q", header[8:16])[0]
+        elif box_bytes == 0:  # runs to the end of the file
+            box_bytes = size - offset
+        if box_bytes < 8:
+            return None
+        if offset + box_bytes > size:
+            name = kind.decode("latin-1")
+            missing = " (the index, moov, never arrived)" if b"moov" not in seen else ""
+            return (f"the file is incomplete (truncated): its {name!r} box ends at byte {offset + box_bytes} "
+                    f"but the file has {size} bytes{missing}; send the whole file")
+        seen.add(kind)
+        offset += box_bytes
+    if b"moov" not in seen and b"moof" not in seen:
+        return "the file is incomplete: it has no moov box (the MP4 index); send the whole, finished file"
+    return None
+
+
+def _head(source: str | os.PathLike | BinaryIO) -> bytes:
+    if hasattr(source, "read"):
+        source.seek(0)
+        head = source.read(SNIFF_BYTES)
+        source.seek(0)
+        return head
+    with open(source, "rb") as f:
+        return f.read(SNIFF_BYTES)
+
+
+def _mp4_truncation_of(source: str | os.PathLike | BinaryIO) -> str | None:
+    try:
+        if hasattr(source, "read"):
+            return mp4_truncation(source)
+        with open(source, "rb") as f:
+            return mp4_truncation(f)
+    except OSError:
+        return None
+
+
+def _open_failure(exc: BaseException, fmt: str, source: str | os.PathLike | BinaryIO) -> str:
+    """FFmpeg's reason, unless the container is an MP4 cut short (then say so)."""
+    return (fmt == "mov" and _mp4_truncation_of(source)) or _ffmpeg_reason(exc)
 
 
 def _ffmpeg_reason(exc: BaseException) -> str:
@@ -148,18 +216,28 @@ def rotation_from(frame_rotation_ccw: int | float | None, rotate_tag: str | None
     return int(round(degrees / 90.0)) * 90 % 360
 
 
-def probe_facts(path: str | os.PathLike, *, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+def probe_facts(target: str | os.PathLike, *, max_duration_s: float = DEFAULT_MAX_DURATION_S,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """Probe in *this* process (the child calls it). Returns VideoInfo fields; raises InvalidVideo."""
+    """Probe in *this* process (the child calls it). ``target`` is a path or an http(s) URL read
+    with range requests. Returns VideoInfo fields; raises InvalidVideo."""
     import av
 
-    container = open_container(path, max_pixels=max_pixels)
-    try:
-        return _probe_open(container, max_duration_s=max_duration_s, max_pixels=max_pixels)
-    except av.error.FFmpegError as exc:
-        raise InvalidVideo(f"cannot read the video: {_ffmpeg_reason(exc)}") from exc
-    finally:
-        container.close()
+    with contextlib.ExitStack() as stack:
+        source: Any = target
+        if is_url(os.fspath(target)):
+            source = stack.enter_context(RangeReader(os.fspath(target)))
+        if sniff_format(_head(source)) == "mov":
+            # A cut MP4 either has no index (FFmpeg then only says "Invalid data found") or, with
+            # the index first ("fast start"), lists samples past the cut: either way, say so.
+            reason = _mp4_truncation_of(source)
+            if reason:
+                raise InvalidVideo(reason)
+        container = open_container(source, max_pixels=max_pixels)
+        stack.callback(container.close)
+        try:
+            return _probe_open(container, max_duration_s=max_duration_s, max_pixels=max_pixels)
+        except av.error.FFmpegError as exc:
+            raise InvalidVideo(f"cannot read the video: {_ffmpeg_reason(exc)}") from exc
 
 
 def _probe_open(container: Any, *, max_duration_s: float, max_pixels: int) -> dict[str, Any]:
@@ -302,8 +380,12 @@ def _child_command(path: str | os.PathLike, *, timeout_s: float, memory_bytes: i
     ]
 
 
+_SECRET_ENV = ("MOMENTS_S3_ACCESS_KEY_ID", "MOMENTS_S3_SECRET_ACCESS_KEY", "MOMENTS_API_KEYS", "MOMENTS_API_KEY")
+
+
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
+    """The server's environment less its secrets: the child parses hostile files."""
+    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV and not k.startswith("AWS_")}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -330,8 +412,12 @@ def _to_info(returncode: int, stdout: bytes, stderr: bytes, *, path: str | os.Pa
     if not reply.get("ok"):
         raise InvalidVideo(str(reply.get("reason") or "invalid video"))
     facts = reply["facts"]
-    return VideoInfo(video_id=video_id, size_bytes=size_bytes or os.path.getsize(path),
+    return VideoInfo(video_id=video_id, size_bytes=size_bytes or _size_of(path),
                      filename=filename, **facts)
+
+
+def _size_of(target: str | os.PathLike) -> int:
+    return 0 if is_url(os.fspath(target)) else os.path.getsize(target)
 
 
 def probe_file(path: str | os.PathLike, *, video_id: str = "", size_bytes: int = 0,
