@@ -1,4 +1,4 @@
-"""Resumable, verified uploads into the blob store."""
+"""Resumable, verified uploads into the blob store, and ingest from a source URI."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -18,10 +19,11 @@ from moments.core import errors, keys
 from moments.core.blobs import SHA256_RE, BlobStore, Staging, check_upload_id
 from moments.core.config import Settings
 from moments.core.locks import RedisLock
-from moments.core.records import UploadChunk, UploadHeader, VideoInfo
-from moments.media.probe import probe_file_async
+from moments.core.records import IngestRequest, UploadChunk, UploadHeader, VideoInfo
+from moments.media.probe import SNIFF_BYTES, probe_file_async, sniff_format
 from moments.service import metrics
 from moments.service.catalog import VideoCatalog
+from moments.service.ingest import Source, open_source, unavailable
 
 log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 1024 * 1024
@@ -251,6 +253,10 @@ class Uploads:
                 f"sha256 of the received bytes is {digest}, not {state.sha256}",
                 field="header.sha256",
             )
+        return await self._probe_and_commit(state, staging)
+
+    async def _probe_and_commit(self, state: UploadState, staging: Staging) -> UploadOutcome:
+        """Probe the verified bytes (discarding them if they are no video), then store them."""
         try:
             info = await probe_file_async(
                 await asyncio.to_thread(staging.probe_target),
@@ -272,6 +278,77 @@ class Uploads:
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
         log.info("upload %s stored video %s (%d bytes)", state.upload_id, state.sha256, state.size_bytes)
         return UploadOutcome(video, False, state.upload_id)
+
+    async def ingest(self, tenant: str, request: IngestRequest) -> UploadOutcome:
+        """Fetch a video from a source URI (``moments.service.ingest`` has the rules), verify,
+        sniff, probe and store it like an upload. Nothing stays behind when it fails."""
+        if request.sha256:
+            if not SHA256_RE.match(request.sha256):
+                raise errors.InvalidArgument("sha256 must be 64 lower-case hex characters", field="sha256")
+            existing = await self.catalog.get_owned(tenant, request.sha256, missing_ok=True)
+            if existing is not None and await asyncio.to_thread(self.blobs.exists, request.sha256):
+                return UploadOutcome(existing, True, "")
+        if request.size_bytes > self.settings.max_upload_bytes:
+            raise errors.InvalidArgument(f"size_bytes {request.size_bytes} exceeds the limit of "
+                                         f"{self.settings.max_upload_bytes}", field="size_bytes")
+        deadline = time.monotonic() + self.settings.ingest_timeout_s
+        source = await asyncio.to_thread(open_source, request.source_uri, self.settings)
+        # Registered like an upload, so the janitor removes what a front end that dies leaves.
+        state = UploadState(upload_id=secrets.token_hex(16), tenant=tenant, size_bytes=source.size_bytes or 0,
+                            sha256="", filename=(request.filename or source.filename)[:255], content_type="",
+                            expire_s=time.time() + self.settings.upload_ttl_s)
+        staging: Staging | None = None
+        try:
+            await self._save(state)
+            async with self._hold(state.upload_id) as lock:
+                staging = await asyncio.to_thread(self.blobs.open_staging, state.upload_id)
+                received = await self._copy_in(request, source, staging, lock, deadline)
+                digest = await asyncio.to_thread(staging.finish)
+                if request.sha256 and digest != request.sha256:
+                    raise errors.InvalidArgument(f"the source's sha256 is {digest}, not {request.sha256}",
+                                                 field="sha256")
+                state.sha256, state.size_bytes = digest, received
+                existing = await self.catalog.get_owned(tenant, digest, missing_ok=True)
+                if existing is not None and await asyncio.to_thread(self.blobs.exists, digest):
+                    await self._discard(state, staging)
+                    return UploadOutcome(existing, True, "")
+                return await self._probe_and_commit(state, staging)
+        except BaseException:
+            try:
+                await asyncio.shield(self._discard(state, staging))
+            except Exception:  # noqa: BLE001 - the store or Redis is down: the janitor removes it later
+                log.warning("ingest %s: could not discard what was staged", state.upload_id, exc_info=True)
+            raise
+        finally:
+            if staging is not None:
+                await asyncio.to_thread(staging.close)
+            await asyncio.to_thread(source.close)
+
+    async def _copy_in(self, request: IngestRequest, source: Source, staging: Staging, lock: RedisLock,
+                       deadline: float) -> int:
+        """Stream the source into the staging: size-capped, sniffed at the start, within the deadline."""
+        limit = self.settings.max_upload_bytes
+        received, head, refreshed = 0, b"", time.monotonic()
+        while (block := await asyncio.to_thread(next, source.chunks, None)) is not None:
+            received += len(block)
+            if received > limit:
+                raise errors.InvalidArgument(f"the source is larger than the limit of {limit} bytes", field="source_uri")
+            if len(head) < SNIFF_BYTES:
+                head += block[:SNIFF_BYTES - len(head)]
+                if len(head) >= SNIFF_BYTES:
+                    sniff_format(head)  # refuse a web page or a playlist before fetching the rest
+            await asyncio.to_thread(staging.append, block)
+            if time.monotonic() > deadline:
+                raise unavailable(request.source_uri, f"took longer than {self.settings.ingest_timeout_s:g} s")
+            if time.monotonic() - refreshed > LOCK_TTL_S / 4:
+                await lock.refresh()
+                refreshed = time.monotonic()
+        sniff_format(head)
+        declared = request.size_bytes or source.size_bytes
+        if declared and received != declared:
+            raise unavailable(request.source_uri, f"got {received} bytes, expected {declared}")
+        metrics.UPLOAD_BYTES.inc(received)
+        return received
 
     async def _discard(self, state: UploadState, staging: Staging | None) -> None:
         if staging is not None:

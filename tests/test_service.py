@@ -24,10 +24,15 @@ from tests.media import make_large_video
 from tests.stack import staged_uploads, stored_blob_ids
 
 
+INBOX = "moments-service-inbox"
+
+
 @pytest.fixture(scope="module", params=["local", "s3"])
-def stack(request, redis_server, stack_factory):
+def stack(request, redis_server, stack_factory, s3_server):
     redis_server.client().flushall()
-    with stack_factory(metrics_port=free_port(), blob_backend=request.param) as s:
+    s3 = s3_server.settings("")  # the S3 server as an ingest source, whatever the blob store
+    ingest = dict(ingest_s3_buckets=INBOX, **{k: v for k, v in s3.items() if k not in ("blob_backend", "s3_bucket")})
+    with stack_factory(metrics_port=free_port(), blob_backend=request.param, **ingest) as s:
         yield s
 
 
@@ -252,3 +257,16 @@ def test_metrics_endpoint_counts_requests_stages_and_cache(client, stack, video_
     assert 'moments_requests_total{code="OK",method="Localize"}' in body
     assert 'moments_stage_seconds_count{stage="generate"}' in body
     assert "moments_token_cache_total" in body and "moments_queue_jobs" in body
+
+
+def test_an_ingested_video_is_answered_like_an_uploaded_one(client, stack, s3_server, tmp_path):
+    path = write_event_video(tmp_path / "inbox.mp4", [Event("green", "square", 2.0, 5.0)], seconds=8, fps=8)
+    s3 = s3_server.client()
+    if INBOX not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=INBOX)
+    s3.put_object(Bucket=INBOX, Key="clips/inbox.mp4", Body=path.read_bytes())
+    video = client.ingest(f"s3://{INBOX}/clips/inbox.mp4", timeout_s=60).video
+    assert video.video_id == hashlib.sha256(path.read_bytes()).hexdigest() and video.filename == "inbox.mp4"
+    answer = client.localize(video.video_id, ["the green square appears"], timeout_s=120)
+    assert answer.stats.frames >= 4 and answer.results[0].raw_answer is not None
+    assert video.video_id in blob_files(stack)

@@ -43,6 +43,11 @@ class MomentsStub:
                 request_serializer=moments_dot_v1_dot_moments__pb2.UploadVideoRequest.SerializeToString,
                 response_deserializer=moments_dot_v1_dot_moments__pb2.UploadVideoResponse.FromString,
                 _registered_method=True)
+        self.IngestVideo = channel.unary_unary(
+                '/moments.v1.Moments/IngestVideo',
+                request_serializer=moments_dot_v1_dot_moments__pb2.IngestVideoRequest.SerializeToString,
+                response_deserializer=moments_dot_v1_dot_moments__pb2.UploadVideoResponse.FromString,
+                _registered_method=True)
         self.GetUpload = channel.unary_unary(
                 '/moments.v1.Moments/GetUpload',
                 request_serializer=moments_dot_v1_dot_moments__pb2.GetUploadRequest.SerializeToString,
@@ -91,6 +96,16 @@ class MomentsServicer:
         """Uploads a video as a client stream: first an UploadHeader, then chunks of at most 1 MiB with
         their offsets. The same bytes uploaded twice return the same video at once. An interrupted
         upload resumes by sending a header with its upload_id and chunks from the committed offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IngestVideo(self, request, context):
+        """Creates a video from bytes the server fetches itself from a source URI (see
+        IngestVideoRequest for the rules). The bytes are verified, sniffed and probed exactly like an
+        upload, stored under their sha256, and deduplicated like an upload. Not resumable: a failed
+        ingest leaves nothing behind and is simply asked for again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +166,11 @@ def add_MomentsServicer_to_server(servicer, server):
             'UploadVideo': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadVideo,
                     request_deserializer=moments_dot_v1_dot_moments__pb2.UploadVideoRequest.FromString,
+                    response_serializer=moments_dot_v1_dot_moments__pb2.UploadVideoResponse.SerializeToString,
+            ),
+            'IngestVideo': grpc.unary_unary_rpc_method_handler(
+                    servicer.IngestVideo,
+                    request_deserializer=moments_dot_v1_dot_moments__pb2.IngestVideoRequest.FromString,
                     response_serializer=moments_dot_v1_dot_moments__pb2.UploadVideoResponse.SerializeToString,
             ),
             'GetUpload': grpc.unary_unary_rpc_method_handler(
@@ -219,6 +239,33 @@ class Moments:
             target,
             '/moments.v1.Moments/UploadVideo',
             moments_dot_v1_dot_moments__pb2.UploadVideoRequest.SerializeToString,
+            moments_dot_v1_dot_moments__pb2.UploadVideoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moments.v1.Moments/IngestVideo',
+            moments_dot_v1_dot_moments__pb2.IngestVideoRequest.SerializeToString,
             moments_dot_v1_dot_moments__pb2.UploadVideoResponse.FromString,
             options,
             channel_credentials,
