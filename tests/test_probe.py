@@ -14,6 +14,7 @@ import pytest
 from moments.core.errors import InvalidVideo
 from moments.media.probe import probe_file, probe_file_async, sniff_format
 from tests.media import (
+    frame_times_s,
     make_mjpeg_claiming,
     make_noise_bytes,
     make_video,
@@ -79,6 +80,25 @@ def test_start_time(tmp_path, name):
 def test_variable_frame_rate_detected(tmp_path):
     info = probe_file(make_video(tmp_path / "vfr.mp4", seconds=4, fps=25, vfr=True))
     assert info.variable_frame_rate
+
+
+def test_a_file_that_turns_variable_after_its_first_packets_reads_as_variable(tmp_path):
+    steady = [i / 25 for i in range(750)]  # 30 s at a constant 25 fps: far more than 100 packets
+    later = [30 + t for t in frame_times_s(10, 25, vfr=True, seed=1)]
+    info = probe_file(make_video(tmp_path / "later.mp4", seconds=40, fps=25, width=64, height=48,
+                                 times_s=steady + later))
+    assert info.variable_frame_rate
+    assert not probe_file(make_video(tmp_path / "steady.mp4", seconds=30, fps=25, width=64, height=48,
+                                     times_s=steady)).variable_frame_rate
+
+
+def test_reordered_b_frames_of_a_constant_rate_file_are_not_variable(tmp_path):
+    """Packets come in decode order: a window that ends before its last B-frames has gaps."""
+    path = make_video(tmp_path / "bframes.mp4", seconds=40, fps=25, width=64, height=48, bframes=3, preset="medium")
+    with av.open(str(path)) as container:
+        pts = [p.pts for p in container.demux(video=0) if p.pts is not None]
+    assert pts != sorted(pts), "no reordered packets in the file"
+    assert not probe_file(path).variable_frame_rate
 
 
 @pytest.mark.parametrize("name,codec", [("a.webm", "libvpx-vp9"), ("b.mkv", "libx265"),

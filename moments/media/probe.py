@@ -46,7 +46,14 @@ DEFAULT_MAX_DURATION_S: float = Settings.max_duration_s
 DEFAULT_MAX_PIXELS: int = Settings.max_pixels_per_frame
 SNIFF_BYTES = 4096
 VFR_PACKETS = 100
-"""Packets whose timestamps decide whether the frame rate is variable."""
+"""Packets at the start whose timestamps say whether the frame rate varies..."""
+VFR_WINDOWS = 8
+VFR_WINDOW_PACKETS = 48
+"""...and at VFR_WINDOWS more points spread over the file, this many packets each (a file that
+turns variable later reads as variable; the cost stays a few hundred packets, no decoding)."""
+REORDER_PACKETS = 16
+"""Most packets a frame can come after its successors in decode order (H.264's 16-frame DPB): the
+timestamps of a window's last packets may still have holes, so they are left out."""
 VFR_TOLERANCE = 0.15
 """A pts step this far (relative) from the median step means variable frame rate."""
 MAX_PACKETS_TO_FIRST_FRAME = 600
@@ -294,7 +301,7 @@ def _probe_open(container: Any, *, max_duration_s: float, max_pixels: int) -> di
         "height": height,
         "codec": codec,
         "container": container.format.name,
-        "variable_frame_rate": _is_vfr(pts_s),
+        "variable_frame_rate": _is_vfr([pts_s, *_pts_windows(container, stream, start_time_s, duration_s)]),
         "rotation_degrees": rotation,
         "frame_count": frame_count,
         "start_time_s": start_time_s,
@@ -331,9 +338,38 @@ def _first_frame_and_pts(container: Any, stream: Any) -> tuple[Any, list[float]]
     return first, pts_s
 
 
-def _is_vfr(pts_s: list[float]) -> bool:
+def _pts_windows(container: Any, stream: Any, start_time_s: float, duration_s: float) -> list[list[float]]:
+    """Packet times (seconds, decode order) from VFR_WINDOWS points spread over the file."""
+    windows = []
+    for k in range(1, VFR_WINDOWS + 1):
+        at_s = start_time_s + duration_s * k / (VFR_WINDOWS + 1)
+        try:
+            container.seek(int(at_s / stream.time_base), stream=stream, backward=True)
+        except Exception:  # noqa: BLE001 - a file that cannot seek keeps the first window only
+            break
+        window = []
+        for packet in container.demux(stream):
+            if packet.pts is not None and packet.size:
+                window.append(float(packet.pts * stream.time_base))
+            if len(window) >= VFR_WINDOW_PACKETS:
+                break
+        windows.append(window)
+    return windows
+
+
+def _steps(pts_s: list[float]) -> list[float]:
+    """Frame durations seen in one window of packets (decode order): sorted times from the first
+    packet's on, up to the earliest of the last REORDER_PACKETS (later ones may have gaps)."""
+    if len(pts_s) > 2 * REORDER_PACKETS:
+        complete_below = min(pts_s[-REORDER_PACKETS:])
+        pts_s = [t for t in pts_s if pts_s[0] <= t <= complete_below]
     times = sorted(set(pts_s))
-    steps = [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def _is_vfr(windows: list[list[float]]) -> bool:
+    per_window = [_steps(w) for w in windows]
+    steps = [step for window in per_window for step in window]
     if len(steps) < 3:
         return False
     median = statistics.median(steps)
