@@ -13,11 +13,12 @@ from urllib.parse import parse_qs, urlsplit
 
 
 class MediaServer:
-    """``/files/NAME`` serves ``files[NAME]``; see :meth:`_Handler.do_GET` for the other routes.
+    """``/files/NAME`` serves ``files[NAME]`` (bytes, or a Path read as it is sent); see
+    :meth:`_Handler.do_GET` for the other routes.
     With ``cert``/``key`` it speaks HTTPS. ``requests`` counts the GETs it answered."""
 
     def __init__(self, *, cert: Path | None = None, key: Path | None = None) -> None:
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, bytes | Path] = {}
         self.requests = 0
         self.hosts: list[str] = []
         server = self
@@ -61,7 +62,8 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         route, _, rest = parts.path.lstrip("/").partition("/")
         if route == "files" and rest in self.media.files:
-            return self._send(200, self.media.files[rest])
+            body = self.media.files[rest]
+            return self._send_file(body) if isinstance(body, Path) else self._send(200, body)
         if route == "redirect":  # /redirect/N/NAME: N hops, then /files/NAME
             hops, _, name = rest.partition("/")
             target = f"/files/{name}" if int(hops) <= 1 else f"/redirect/{int(hops) - 1}/{name}"
@@ -85,6 +87,18 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(30)
             return None
         return self._send(404, b"not here")
+
+    def _send_file(self, path: Path) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.end_headers()
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(1024 * 1024):
+                    self.wfile.write(block)
+        except OSError:
+            pass
 
     def _send(self, code: int, body: bytes, *, location: str = "", content_type: str = "video/mp4",
               length: int | None = None) -> None:

@@ -43,13 +43,18 @@ from moments.core.blob_cache import BlobCache
 from moments.core.blobs import BlobStore, HashStates, Staging, check_upload_id, check_video_id
 
 log = logging.getLogger(__name__)
+LONG_CALL_S = 900.0
+"""Read timeout of the calls whose answer comes when the store has assembled or copied a whole
+object (CompleteMultipartUpload, CopyObject): far longer than one part's."""
 MIN_PART_BYTES = 5 * 1024**2
 """S3's smallest part (every part but the last)."""
 MAX_PARTS = 10_000
 READ_BLOCK_BYTES = 8 * 1024**2
 PRESIGN_MARGIN_S = 60
-TRANSFER = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2, max_concurrency=8)
-"""Managed copies and downloads: parts of 64 MiB, 8 at a time (a copy above 5 GiB must be multipart)."""
+DOWNLOAD = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2, max_concurrency=8)
+"""Worker downloads: ranged GETs of 64 MiB, 8 at a time."""
+COPY = TransferConfig(multipart_threshold=5 * 1024**3, multipart_chunksize=512 * 1024**2, max_concurrency=8)
+"""Commits: one CopyObject up to 5 GiB (S3's limit for it), part copies of 512 MiB above."""
 
 _UNAVAILABLE_CODES = frozenset({
     "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
@@ -76,14 +81,14 @@ def store_errors(what: str) -> Iterator[None]:
         raise errors.Unavailable(f"the object store is unreachable ({what}): {exc}") from exc
 
 
-def s3_client(settings):
+def s3_client(settings, *, read_timeout_s: float | None = None):
     """A boto3 S3 client for the settings' endpoint, region and credentials (thread-safe)."""
     credentials = {}
     if settings.s3_access_key_id:
         credentials = {"aws_access_key_id": settings.s3_access_key_id,
                        "aws_secret_access_key": settings.s3_secret_access_key}
     config = Config(
-        connect_timeout=settings.s3_timeout_s, read_timeout=settings.s3_timeout_s,
+        connect_timeout=settings.s3_timeout_s, read_timeout=read_timeout_s or settings.s3_timeout_s,
         retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=32,
         s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
     )
@@ -113,8 +118,9 @@ class S3BlobStore(BlobStore):
     backend = "s3"
 
     def __init__(self, client, bucket: str, prefix: str, *, part_bytes: int, cache: BlobCache,
-                 presign_s: int = 120) -> None:
+                 presign_s: int = 120, slow_client=None) -> None:
         self.client = client
+        self.slow_client = slow_client or client
         self.bucket = bucket
         self.prefix = prefix
         self.part_bytes = part_bytes
@@ -133,7 +139,8 @@ class S3BlobStore(BlobStore):
 
         cache = BlobCache(settings.blob_cache_dir, settings.blob_cache_bytes, fetch, size_of=lambda v: store.size(v))
         store = cls(client, settings.s3_bucket, settings.s3_prefix, part_bytes=settings.s3_part_bytes,
-                    cache=cache, presign_s=int(settings.probe_timeout_s) + PRESIGN_MARGIN_S)
+                    cache=cache, presign_s=int(settings.probe_timeout_s) + PRESIGN_MARGIN_S,
+                    slow_client=s3_client(settings, read_timeout_s=LONG_CALL_S))
         return store
 
     # ------------------------------------------------------------------------------ keys
@@ -167,7 +174,7 @@ class S3BlobStore(BlobStore):
         """Copy the blob into ``dest`` (ranged GETs in parallel) and check its sha256."""
         with store_errors("read a blob"):
             try:
-                self.client.download_file(self.bucket, self.blob_key(video_id), str(dest), Config=TRANSFER)
+                self.client.download_file(self.bucket, self.blob_key(video_id), str(dest), Config=DOWNLOAD)
             except ClientError as exc:
                 if error_code(exc) in ("404", "NoSuchKey"):
                     raise FileNotFoundError(f"blob {video_id} is not in s3://{self.bucket}/{self.prefix}") from exc
@@ -206,7 +213,7 @@ class S3BlobStore(BlobStore):
         target = self.blob_key(video_id)
         with store_errors("store a blob"):
             if self._size_of(target) is None:
-                self.client.copy({"Bucket": self.bucket, "Key": staging.key}, self.bucket, target, Config=TRANSFER)
+                self.slow_client.copy({"Bucket": self.bucket, "Key": staging.key}, self.bucket, target, Config=COPY)
             self.client.delete_object(Bucket=self.bucket, Key=staging.key)
 
     # --------------------------------------------------------------------------- helpers
@@ -285,6 +292,7 @@ class S3Staging(Staging):
         # None: the hash of the held bytes is unknown here; finish() verifies by reading them back.
         self._hasher = store.hash_states.take(upload_id, self._durable) or (
             hashlib.sha256() if self._durable == 0 else None)
+        self._held_state = self._hasher.copy() if self._hasher is not None else None  # at _durable
         self._buffer = bytearray()
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: tuple[Future, int, int, object] | None = None
@@ -306,8 +314,8 @@ class S3Staging(Staging):
                 self._hasher.update(piece)
             view = view[take:]
             if len(self._buffer) == self.store.part_bytes:
-                self._send(bytes(self._buffer))
-                self._buffer.clear()
+                body, self._buffer = self._buffer, bytearray()
+                self._send(body)
 
     def settle(self) -> int:
         self._wait()
@@ -316,18 +324,26 @@ class S3Staging(Staging):
     def finish(self) -> str:
         if not self._completed:
             if self._buffer:
-                self._send(bytes(self._buffer))
-                self._buffer.clear()
+                body, self._buffer = self._buffer, bytearray()
+                self._send(body)
             self._wait()
-            with store_errors("complete an upload"):
-                self._client.complete_multipart_upload(
-                    Bucket=self.store.bucket, Key=self.key, UploadId=self._mpu,
-                    MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in self._parts]})
+            self._complete()
             self._completed = True
         if self._hasher is None:  # resumed in another process: hash what the store holds
             self._hasher = self._read_back()
         self._digest = self._hasher.hexdigest()
         return self._digest
+
+    def _complete(self) -> None:
+        parts = [{"PartNumber": p.number, "ETag": p.etag} for p in self._parts]
+        with store_errors("complete an upload"):
+            try:
+                self.store.slow_client.complete_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.key, UploadId=self._mpu, MultipartUpload={"Parts": parts})
+            except ClientError as exc:
+                # A retried call whose first attempt completed it (the answer was lost) finds no upload.
+                if error_code(exc) != "NoSuchUpload" or self.store._size_of(self.key) != self._durable:
+                    raise
 
     def probe_target(self) -> str:
         with store_errors("sign a read"):
@@ -344,15 +360,18 @@ class S3Staging(Staging):
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            if self._held_state is not None and not self._digest:  # for a resume in this process
+                self.store.hash_states.put(self.upload_id, self._durable, self._held_state)
 
     def discard(self) -> None:
         self._in_flight = None
+        self._held_state = None
         self.close()
         self.store.discard_staging(self.upload_id)
 
     # ---------------------------------------------------------------------------- parts
 
-    def _send(self, body: bytes) -> None:
+    def _send(self, body: bytearray) -> None:
         """Upload ``body`` as the next part in the background, after the one in flight is done."""
         self._wait()
         if self._pool is None:
@@ -362,7 +381,7 @@ class S3Staging(Staging):
         future = self._pool.submit(self._upload_part, number, body)
         self._in_flight = (future, number, len(body), state)
 
-    def _upload_part(self, number: int, body: bytes) -> str:
+    def _upload_part(self, number: int, body: bytearray) -> str:
         with store_errors("store a part"):
             return self._client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self._mpu,
                                             PartNumber=number, Body=body)["ETag"]
@@ -375,8 +394,7 @@ class S3Staging(Staging):
         etag = future.result()  # raises the part's error (Unavailable)
         self._parts.append(_Part(number, etag, size))
         self._durable += size
-        if state is not None:
-            self.store.hash_states.put(self.upload_id, self._durable, state)
+        self._held_state = state
 
     def _read_back(self):
         hasher = hashlib.sha256()

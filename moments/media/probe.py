@@ -50,7 +50,10 @@ VFR_PACKETS = 100
 VFR_WINDOWS = 8
 VFR_WINDOW_PACKETS = 48
 """...and at VFR_WINDOWS more points spread over the file, this many packets each (a file that
-turns variable later reads as variable; the cost stays a few hundred packets, no decoding)."""
+turns variable later reads as variable; the cost stays a few hundred packets, no decoding)..."""
+VFR_WINDOW_BYTES = 4 * 1024 * 1024
+"""...and at most this many bytes of packets per window (high bit rates: a probe reading an
+object store through range requests stays at a few requests per window)."""
 REORDER_PACKETS = 16
 """Most packets a frame can come after its successors in decode order (H.264's 16-frame DPB): the
 timestamps of a window's last packets may still have holes, so they are left out."""
@@ -321,7 +324,9 @@ def _first_frame_and_pts(container: Any, stream: Any) -> tuple[Any, list[float]]
     first = None
     error: Exception | None = None
     pts_s: list[float] = []
+    read_bytes = 0
     for count, packet in enumerate(container.demux(stream)):
+        read_bytes += packet.size
         if packet.pts is not None and packet.size:
             pts_s.append(float(packet.pts * stream.time_base))
         if first is None:
@@ -331,7 +336,8 @@ def _first_frame_and_pts(container: Any, stream: Any) -> tuple[Any, list[float]]
                     break
             except av.error.FFmpegError as exc:
                 error = exc
-        if (first is not None and len(pts_s) >= VFR_PACKETS) or count >= MAX_PACKETS_TO_FIRST_FRAME:
+        enough = len(pts_s) >= VFR_PACKETS or read_bytes >= VFR_WINDOW_BYTES
+        if (first is not None and enough) or count >= MAX_PACKETS_TO_FIRST_FRAME:
             break
     if first is None and error is not None:
         raise InvalidVideo(f"the first video frame does not decode: {_ffmpeg_reason(error)}")
@@ -347,11 +353,13 @@ def _pts_windows(container: Any, stream: Any, start_time_s: float, duration_s: f
             container.seek(int(at_s / stream.time_base), stream=stream, backward=True)
         except Exception:  # noqa: BLE001 - a file that cannot seek keeps the first window only
             break
-        window = []
+        window: list[float] = []
+        read_bytes = 0
         for packet in container.demux(stream):
+            read_bytes += packet.size
             if packet.pts is not None and packet.size:
                 window.append(float(packet.pts * stream.time_base))
-            if len(window) >= VFR_WINDOW_PACKETS:
+            if len(window) >= VFR_WINDOW_PACKETS or read_bytes >= VFR_WINDOW_BYTES:
                 break
         windows.append(window)
     return windows

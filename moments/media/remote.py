@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import httpx
 
-BLOCK_BYTES = 1024 * 1024
+BLOCK_BYTES = 4 * 1024 * 1024
 BLOCKS_KEPT = 8
 TIMEOUT_S = 30.0
 
