@@ -187,14 +187,18 @@ def run(args: argparse.Namespace) -> list[dict]:
             return {**common, **stores[store], "s3_bucket": bucket, "data_dir": str(data)}
 
         # Uploads: local baseline, then S3, one fresh front end each.
-        for store in ("local", "s3"):
+        for store in ("local", "s3") if args.only in ("", "upload") else ():
             with FrontEnd(**settings_for(store)) as front, MomentsClient(front.target, state_path=work / "c.json") as c:
                 started = time.monotonic()
                 reply = c.upload(video, timeout_s=1800)
                 elapsed = time.monotonic() - started
                 assert reply.video.video_id == sha, reply
                 row("upload", store, elapsed, front.peak_rss_mb())
-        row("S3 ceiling: boto3 multipart straight into moto", "s3", moto_ceiling(s3, buckets["s3"], video, part_bytes))
+        if args.only in ("", "upload"):
+            row("S3 ceiling: boto3 multipart straight into moto", "s3",
+                moto_ceiling(s3, buckets["s3"], video, part_bytes))
+        if args.only == "upload":
+            return rows
 
         # Ingest: each source's own speed, then through the front end into each store.
         with MediaServer(cert=pki / "server.pem", key=pki / "server.key") as https, MediaServer() as http:
@@ -245,6 +249,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--part-mib", type=int, default=8, help="s3_part_bytes in MiB")
     parser.add_argument("--cache", default=tempfile.gettempdir(), help="where the test video is kept")
+    parser.add_argument("--only", choices=("", "upload", "ingest"), default="", help="one half of the rows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.serve_child:

@@ -98,10 +98,10 @@ def _open_s3(uri: str, settings: Settings) -> Source:
                                      field=FIELD)
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from moments.core.s3_blobs import error_code, s3_client
+    from moments.core.s3_blobs import error_code, shared_client
 
     try:
-        reply = s3_client(settings).get_object(Bucket=bucket, Key=key)
+        reply = shared_client(settings).get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         raise unavailable(uri, f"the S3 server answered {error_code(exc) or 'an error'}") from exc
     except BotoCoreError as exc:

@@ -257,6 +257,7 @@ class Uploads:
 
     async def _probe_and_commit(self, state: UploadState, staging: Staging) -> UploadOutcome:
         """Probe the verified bytes (discarding them if they are no video), then store them."""
+        started = time.monotonic()
         try:
             info = await probe_file_async(
                 await asyncio.to_thread(staging.probe_target),
@@ -271,12 +272,14 @@ class Uploads:
         except errors.InvalidVideo:
             await self._discard(state, staging)
             raise
+        probed = time.monotonic()
         async with self.catalog.exclusive(state.sha256):
             await asyncio.to_thread(self.blobs.commit, staging, state.sha256)
             video = await self.catalog.add(state.tenant, info)
         await self.redis.delete(keys.upload(state.upload_id))
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
-        log.info("upload %s stored video %s (%d bytes)", state.upload_id, state.sha256, state.size_bytes)
+        log.info("upload %s stored video %s (%d bytes; probe %.2f s, commit %.2f s)", state.upload_id, state.sha256,
+                 state.size_bytes, probed - started, time.monotonic() - probed)
         return UploadOutcome(video, False, state.upload_id)
 
     async def ingest(self, tenant: str, request: IngestRequest) -> UploadOutcome:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,6 +82,23 @@ def store_errors(what: str) -> Iterator[None]:
         raise errors.Unavailable(f"the object store is unreachable ({what}): {exc}") from exc
 
 
+_SESSION = boto3.session.Session()
+_SESSION_LOCK = threading.Lock()
+"""Clients come from one session (its loaded service model is shared: a session costs ~13 MB);
+creating clients is not thread-safe, using them is."""
+_CLIENTS: dict[tuple, object] = {}
+
+
+def shared_client(settings):
+    """One client per endpoint, region and credentials in this process (for ingest from s3://)."""
+    key = (settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id, settings.s3_timeout_s)
+    with _SESSION_LOCK:
+        client = _CLIENTS.get(key)
+    if client is None:
+        client = _CLIENTS.setdefault(key, s3_client(settings))
+    return client
+
+
 def s3_client(settings, *, read_timeout_s: float | None = None):
     """A boto3 S3 client for the settings' endpoint, region and credentials (thread-safe)."""
     credentials = {}
@@ -92,9 +110,9 @@ def s3_client(settings, *, read_timeout_s: float | None = None):
         retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=32,
         s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
     )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
-        config=config, **credentials)
+    with _SESSION_LOCK:
+        return _SESSION.client("s3", endpoint_url=settings.s3_endpoint_url or None,
+                               region_name=settings.s3_region or None, config=config, **credentials)
 
 
 def check_s3_settings(settings) -> None:
