@@ -332,20 +332,27 @@ class Uploads:
         """Stream the source into the staging: size-capped, sniffed at the start, within the deadline."""
         limit = self.settings.max_upload_bytes
         received, head, refreshed = 0, b"", time.monotonic()
-        while (block := await asyncio.to_thread(next, source.chunks, None)) is not None:
-            received += len(block)
-            if received > limit:
-                raise errors.InvalidArgument(f"the source is larger than the limit of {limit} bytes", field="source_uri")
-            if len(head) < SNIFF_BYTES:
-                head += block[:SNIFF_BYTES - len(head)]
-                if len(head) >= SNIFF_BYTES:
-                    sniff_format(head)  # refuse a web page or a playlist before fetching the rest
-            await asyncio.to_thread(staging.append, block)
-            if time.monotonic() > deadline:
-                raise unavailable(request.source_uri, f"took longer than {self.settings.ingest_timeout_s:g} s")
-            if time.monotonic() - refreshed > LOCK_TTL_S / 4:
-                await lock.refresh()
-                refreshed = time.monotonic()
+        reading = _read_next(source)
+        try:
+            while (block := await reading) is not None:
+                reading = _read_next(source)  # the next block arrives while this one is hashed and stored
+                received += len(block)
+                if received > limit:
+                    raise errors.InvalidArgument(f"the source is larger than the limit of {limit} bytes",
+                                                 field="source_uri")
+                if len(head) < SNIFF_BYTES:
+                    head += block[:SNIFF_BYTES - len(head)]
+                    if len(head) >= SNIFF_BYTES:
+                        sniff_format(head)  # refuse a web page or a playlist before fetching the rest
+                await asyncio.to_thread(staging.append, block)
+                if time.monotonic() > deadline:
+                    raise unavailable(request.source_uri, f"took longer than {self.settings.ingest_timeout_s:g} s")
+                if time.monotonic() - refreshed > LOCK_TTL_S / 4:
+                    await lock.refresh()
+                    refreshed = time.monotonic()
+        finally:
+            if not reading.done():  # closing the source ends the read; nobody waits for it
+                reading.add_done_callback(lambda f: f.cancelled() or f.exception())
         sniff_format(head)
         declared = request.size_bytes or source.size_bytes
         if declared and received != declared:
@@ -380,3 +387,7 @@ class Uploads:
             pipe.zadd(keys.UPLOADS_BY_EXPIRY, {state.upload_id: state.expire_s})
             await pipe.execute()
 
+
+def _read_next(source: Source) -> asyncio.Future:
+    """The source's next block (None at the end), read in a thread."""
+    return asyncio.ensure_future(asyncio.to_thread(next, source.chunks, None))
