@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 import redis.asyncio as aioredis
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from moments.core.blob_backends import open_blob_store
@@ -17,7 +16,9 @@ from moments.core.config import Settings
 from moments.core.redis_client import connect
 from moments.service.auth import Authenticator, parse_api_keys
 from moments.service.catalog import VideoCatalog
+from moments.service.health import NOT_SERVING, HealthServicer, WorkerHealth, set_health
 from moments.service.interceptor import MomentsInterceptor
+from moments.service.reflection import enable_reflection
 from moments.service.servicer import MomentsServicer
 from moments.service.submission import JobClient
 from moments.service.uploads import Uploads
@@ -29,21 +30,24 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 JANITOR_INTERVAL_S = 60.0
 
 
+HEALTH_NAMES = ("", SERVICE_NAME)
+"""Health reports these services (the whole server and moments.v1.Moments) the same way."""
+
+
 @dataclass
 class FrontEnd:
     server: grpc.aio.Server
-    health: health.HealthServicer
+    health: WorkerHealth
     redis: aioredis.Redis
     uploads: Uploads
     port: int
-    janitor: asyncio.Task | None = None
+    tasks: tuple[asyncio.Task, ...] = ()
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Report NOT_SERVING, then let calls in flight finish for up to ``grace_s``."""
-        for name in ("", SERVICE_NAME):
-            await _set_health(self.health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.janitor:
-            self.janitor.cancel()
+        for task in self.tasks:
+            task.cancel()
+        await set_health(self.health.servicer, HEALTH_NAMES, NOT_SERVING)
         await self.server.stop(grace_s)
         await self.redis.aclose()
 
@@ -61,32 +65,23 @@ async def start_front_end(settings: Settings) -> FrontEnd:
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ],
     )
-    servicer = MomentsServicer(settings, uploads, catalog, JobClient(settings, redis))
-    moments_pb2_grpc.add_MomentsServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    job_client = JobClient(settings, redis)
+    moments_pb2_grpc.add_MomentsServicer_to_server(MomentsServicer(settings, uploads, catalog, job_client), server)
+    health = WorkerHealth(HealthServicer(), HEALTH_NAMES, job_client.live_workers,
+                          interval_s=min(1.0, settings.worker_stale_s / 4))
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     port = server.add_secure_port(settings.listen, _credentials(settings)) if settings.tls_cert \
         else server.add_insecure_port(settings.listen)
+    await health.check()  # NOT_SERVING (not UNKNOWN) from the first call on
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
-    front = FrontEnd(server, health_servicer, redis, uploads, port)
-    front.janitor = asyncio.create_task(_janitor(uploads))
+    front = FrontEnd(server, health, redis, uploads, port,
+                     tasks=(asyncio.create_task(health.run()), asyncio.create_task(_janitor(uploads))))
     log.info("front end listening on port %d (tls=%s, auth=%s)", port, bool(settings.tls_cert),
              auth.enabled)
     return front
-
-
-async def _set_health(servicer, name: str, status) -> None:
-    result = servicer.set(name, status)
-    if asyncio.iscoroutine(result):
-        await result
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials:

@@ -103,7 +103,8 @@ class MomentsServicer(pb_grpc.MomentsServicer):
         async for event in self.jobs.events(job_id, time.time() + timeout_s):
             message = event_pb(job_id, event.kind, event.data)
             if message is None:
-                raise errors.JobFailed(f"job {job_id} failed: {event.data.get('reason', 'unknown error')}")
+                raise errors.JobFailed(f"job {job_id} failed: {event.data.get('reason', 'unknown error')}",
+                                       job_id=job_id)
             if event.kind == jobs.DONE:
                 _observe(JobStats.from_dict(event.data))
             yield message

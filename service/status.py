@@ -12,6 +12,9 @@ from grpc_status import rpc_status
 from moments.core import errors
 
 log = logging.getLogger(__name__)
+DOMAIN = "moments.v1"
+"""ErrorInfo.domain of every reason below; the reasons and their metadata keys are documented on
+``service Moments`` in protos/moments/v1/moments.proto."""
 
 
 def _any(message) -> any_pb2.Any:
@@ -43,8 +46,7 @@ def to_status(exc: BaseException) -> grpc.Status:
             if exc.committed_bytes is not None:
                 metadata["committed_bytes"] = str(exc.committed_bytes)
             reason = "WRONG_OFFSET" if exc.committed_bytes is not None else "UPLOAD_BUSY"
-            details.append(_any(error_details_pb2.ErrorInfo(reason=reason, domain="moments.v1",
-                                                            metadata=metadata)))
+            details.append(_any(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)))
     elif isinstance(exc, errors.ResourceExhausted):
         code = code_pb2.RESOURCE_EXHAUSTED
         delay = duration_pb2.Duration()
@@ -58,9 +60,8 @@ def to_status(exc: BaseException) -> grpc.Status:
         code = code_pb2.DEADLINE_EXCEEDED
     elif isinstance(exc, errors.JobFailed):
         code = code_pb2.ABORTED
-        details.append(
-            _any(error_details_pb2.ErrorInfo(reason="JOB_FAILED", domain="moments.v1"))
-        )
+        details.append(_any(error_details_pb2.ErrorInfo(reason="JOB_FAILED", domain=DOMAIN,
+                                                        metadata={"job_id": exc.job_id})))
     else:
         log.exception("internal error", exc_info=exc)
         code = code_pb2.INTERNAL

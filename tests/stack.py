@@ -48,6 +48,7 @@ class ThreadedStack:
         self.run(self.stack.__aenter__())
         if self.stack.worker_count:
             self.stack.wait_for_workers(timeout_s=120)
+        self.run(self.stack.front.health.check())  # health says SERVING now, not at the next poll
         return self
 
     def __exit__(self, *exc) -> None:

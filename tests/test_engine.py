@@ -16,11 +16,10 @@ import torch
 from moments.core.errors import FatalDeviceError, Internal
 from moments.tools.tiny_model import build_tiny_model
 from moments.workers.model import prompt
-from moments.workers.model.answer_parser import parse_answer
 from moments.workers.model.engine import Engine, Generation, VisualTokens
 from moments.workers.model.positions import mrope_positions
 from moments.workers.model.preprocessing import VideoProcessing, pixel_values_videos
-from moments.workers.pipeline import answer_segments
+from moments.workers.answers import answer_segments
 from tests.plans import QUERIES, make_frames, make_plan
 
 @pytest.fixture(scope="module")
@@ -121,7 +120,11 @@ def test_temporal_position_ids_follow_absolute_time(engine, captured, fps):
     assert after[:, 0].tolist() == [video_max + 1] * 3
     assert question[0, 0] == video_max + 1 + after.shape[1]
     assert torch.equal(question[0], question[1]) and torch.equal(question[0], question[2])
-    assert captured[2][:, 0, 0].tolist() == [int(question.max()) + 1] * 3  # first generated token
+    # The question's call also scores the "not in the video" answer after it (teacher forcing): the
+    # first generated token takes the position right after the question itself.
+    q_len = len(engine.tokenizer(prompt.question_suffix_text("the dog jumps"), add_special_tokens=False).input_ids)
+    assert question.shape[1] == q_len + len(engine.absent_ids) - 1
+    assert captured[2][:, 0, 0].tolist() == [int(question[0, 0]) + q_len] * 3  # first generated token
 
 
 def test_mrope_positions_reference():
@@ -250,16 +253,36 @@ def test_cuda_errors_become_fatal(engine):
     assert engine.generate(tokens, ["x"], max_new_tokens=2)[0].text  # lock released, engine still usable
 
 
-def test_confidence_pieces_from_real_tokens(engine):
+def test_pieces_add_up_to_the_text(engine):
     text = "The given query happens in 6.0 - 9.5 seconds."
     ids = engine.tokenizer(text, add_special_tokens=False).input_ids
     probs = [0.5 + 0.5 * (k % 2) for k in range(len(ids))]
     decoded, pieces = engine._detokenize(ids, probs)
     assert decoded == text and "".join(p for p, _ in pieces) == text
-    (seg,) = parse_answer(decoded, 8.0, pieces)
-    assert (seg.start_s, seg.end_s) == (6.0, 8.0)  # clamped to the duration
-    digit_probs = [pr for (p, pr) in pieces if any(ch.isdigit() for ch in p)]
-    assert seg.confidence == pytest.approx(float(np.exp(np.mean(np.log(digit_probs)))))
+    assert [pr for _, pr in pieces] == probs
+
+
+def test_absence_score_is_the_teacher_forced_probability_of_the_absent_answer(engine):
+    """absent_logprob equals the log-probability of the absence sentence computed token by token with
+    transformers' own forward, on both decoders; the score is 1 - that probability (no calibration)."""
+    plan = make_plan(8, 1.0)
+    tokens = engine.encode(make_frames(plan, 13), plan)
+    prefix = engine.prefill(tokens)
+    [g] = engine.generate(tokens, ["the dog jumps"], max_new_tokens=6, prefix=prefix)
+    q_ids = engine.tokenizer(prompt.question_suffix_text("the dog jumps"), add_special_tokens=False).input_ids
+    ids = q_ids + engine.absent_ids
+    embeds = engine.model.get_input_embeddings()(torch.tensor([ids]))
+    cache = __import__("copy").deepcopy(prefix.cache)
+    pos = torch.arange(prefix.next_position, prefix.next_position + len(ids)).expand(3, -1)
+    with torch.inference_mode():
+        logits = engine._language_model(embeds, pos, cache, last=len(ids))
+    logp = torch.log_softmax(logits[len(q_ids) - 1:-1], -1)
+    want = float(logp.gather(1, torch.tensor(engine.absent_ids)[:, None]).sum())
+    assert g.absent_logprob == pytest.approx(want, abs=1e-4)
+    assert engine.presence_score(g) == pytest.approx(1 - np.exp(want), rel=1e-4)
+    # The teacher-forced tokens leave no trace: the answer is the one plain greedy decoding gives.
+    again = engine.generate(tokens, ["the dog jumps"], max_new_tokens=6)[0]
+    assert again.text == g.text
 
 
 def test_awq_checkpoint_loads_by_dequantizing(tiny_awq_model_dir, caplog):
@@ -284,8 +307,9 @@ def test_awq_checkpoint_loads_by_dequantizing(tiny_awq_model_dir, caplog):
 
 
 def test_segments_are_shifted_to_video_time():
-    # A clip sampled from 30 s: the model's "2 - 5 seconds" is 32 - 35 s of the video.
-    tokens = VisualTokens(torch.zeros(2, 4), (1, 2, 2), 1.0, (30.0, 30.5), "x")
+    # A clip sampled from 30 s to 40 s: the model's "2 - 5 seconds" is 32 - 35 s of the video, and
+    # nothing is said past the end of what it saw (40 s), however long the video is.
+    tokens = VisualTokens(torch.zeros(2, 4), (1, 2, 2), 4.0, tuple(30.0 + 2 * i for i in range(5)), "x")
     answer = Generation("The given query happens in 2.0 - 5.0 seconds. Also 8 - 20 s.", None)
-    segs = answer_segments(answer, tokens, 40.0)
+    segs = answer_segments(answer, tokens, 600.0)
     assert [(s.start_s, s.end_s) for s in segs] == [(32.0, 35.0), (38.0, 40.0)]

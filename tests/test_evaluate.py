@@ -13,12 +13,14 @@ from moments.app.cli import main as cli_main
 from moments.app.evaluate import (
     Annotation,
     Prediction,
+    Question,
+    fp_at_recall,
     load_annotations,
     metrics,
-    recall_at_k,
+    questions,
     resolve_video,
-    temporal_iou,
 )
+from moments.tools.scoring import auroc, fit_platt, temporal_iou
 from moments.tools.synthetic import random_scene, write_annotation_set
 
 
@@ -31,21 +33,31 @@ def test_temporal_iou_hand_cases():
     assert temporal_iou((5, 2), (0, 10)) == 0.0  # inverted
 
 
-def test_recall_and_miou_hand_cases():
-    truths = [Annotation("v", "q1", 0, 10), Annotation("v", "q2", 10, 20), Annotation("v", "q3", 0, 4)]
+def test_metrics_hand_cases():
+    qs = [Question("v", "q1", ((0, 10),)), Question("v", "q2", ((10, 20), (40, 50))),
+          Question("v", "q3", ((0, 4),)), Question("v", "absent1", ()), Question("v", "absent2", ())]
     preds = [
-        Prediction(((0, 10, 0.9),)),                 # IoU 1
-        Prediction(((14, 24, 0.8), (10, 20, 0.1))),  # top-1 IoU 6/14 = 0.43, top-2 has IoU 1
-        Prediction(()),                              # no answer: IoU 0
+        Prediction(((0, 10, 0.9),), found=True, score=0.9),                    # IoU 1
+        Prediction(((14, 24, 0.8), (40, 50, 0.7)), found=True, score=0.8),     # occurrences: 6/14 and 1
+        Prediction((), found=False, score=0.2),                                 # missed: IoU 0
+        Prediction(((1, 2, 0.6),), found=True, score=0.6),                     # a false positive
+        Prediction((), found=False, score=0.1),
     ]
-    assert recall_at_k(preds, truths, 1, 0.3) == pytest.approx(2 / 3)
-    assert recall_at_k(preds, truths, 1, 0.5) == pytest.approx(1 / 3)
-    assert recall_at_k(preds, truths, 2, 0.7) == pytest.approx(2 / 3)
-    m = metrics(preds, truths)
-    assert m["R@1,IoU=0.3"] == pytest.approx(2 / 3)
-    assert m["R@1,IoU=0.7"] == pytest.approx(1 / 3)
-    assert m["mIoU"] == pytest.approx((1 + 6 / 14 + 0) / 3)
-    assert m["answered"] == pytest.approx(2 / 3)
+    m = metrics(preds, qs)
+    assert m["mIoU"] == pytest.approx((1 + 6 / 14 + 1 + 0) / 4)
+    assert m["R@0.5,occurrence"] == pytest.approx(2 / 4) and m["R@0.3,occurrence"] == pytest.approx(3 / 4)
+    assert m["R@1,IoU=0.5"] == pytest.approx(1 / 3)  # q2's top segment overlaps less than half
+    assert m["recall_present"] == pytest.approx(2 / 3) and m["false_positive_rate"] == pytest.approx(1 / 2)
+    assert m["AUROC"] == pytest.approx(auroc([0.9, 0.8, 0.2], [0.6, 0.1])) == pytest.approx(5 / 6)
+    assert fp_at_recall([0.9, 0.8, 0.2], [0.6, 0.1]) == pytest.approx(0.5)  # 95% recall needs 0.2: 0.6 passes it
+
+
+def test_auroc_and_platt():
+    assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auroc([0.1], [0.9]) == 0.0 and auroc([0.5], [0.5]) == 0.5
+    raw = [0.95, 0.9, 0.85, 0.6, 0.3, 0.2, 0.1, 0.05]
+    labels = [1, 1, 1, 1, 0, 0, 0, 0]
+    params = fit_platt(raw, labels)
+    assert params["a"] > 0  # calibration keeps the order
 
 
 def test_charades_and_json_annotations(tmp_path):
@@ -54,6 +66,10 @@ def test_charades_and_json_annotations(tmp_path):
     rows = load_annotations(charades)
     assert rows == [Annotation("3MSZA", "person turn a light on.", 24.3, 30.4),
                     Annotation("AO8RW", "a person is putting a book on a shelf.", 0.0, 6.9)]
+    absent = tmp_path / "absent.txt"
+    absent.write_text("3MSZA - -##a dog barks\n3MSZA 1 2##a light\n3MSZA 5 6##a light\n")
+    assert questions(load_annotations(absent)) == [Question("3MSZA", "a dog barks", ()),
+                                                   Question("3MSZA", "a light", ((1.0, 2.0), (5.0, 6.0)))]
     as_json = tmp_path / "a.json"
     as_json.write_text(json.dumps([{"video": "x.mp4", "query": "the red circle appears", "start": 3, "end": 7.5}]))
     assert load_annotations(as_json) == [Annotation("x.mp4", "the red circle appears", 3.0, 7.5)]
@@ -71,6 +87,12 @@ def test_generated_annotation_files_round_trip(tmp_path):
     for row in rows:
         assert resolve_video(path.parent, row.video).suffix == ".mp4"
         assert 0 <= row.start_s < row.end_s <= 21.5
+    mixed = write_annotation_set(tmp_path / "m", [300.0], seed=4, absent_per_video=3,
+                                 event_kwargs={"event_s": (2.0, 8.0), "repeat_fraction": 1.0})
+    qs = questions(load_annotations(mixed))
+    assert sum(not q.occurrences for q in qs) == 3
+    assert any(len(q.occurrences) >= 2 for q in qs)  # repeated events: one row per occurrence
+    assert all(2.0 <= b - a <= 8.0 for q in qs for a, b in q.occurrences)
     json_path = write_annotation_set(tmp_path / "j", [20.0], seed=3, json_form=True)
     assert [(r.query, r.start_s, r.end_s) for r in load_annotations(json_path)] == \
            [(r.query, r.start_s, r.end_s) for r in rows if r.video.endswith("_000_20s")]
@@ -79,19 +101,22 @@ def test_generated_annotation_files_round_trip(tmp_path):
 def test_eval_command_runs_the_engine_on_real_files(tmp_path, tiny_model_dir, capsys):
     """The harness end to end on two generated videos with a random tiny model: scores are
     whatever they are, the report must be complete and consistent."""
-    ann = write_annotation_set(tmp_path / "videos", [20.0, 24.5], seed=1)
+    ann = write_annotation_set(tmp_path / "videos", [20.0, 24.5], seed=1, absent_per_video=1)
     report = tmp_path / "report.json"
     rc = cli_main(["eval", str(ann), "--report", str(report),  # videos beside the annotations: the default
                    "--model", str(tiny_model_dir), "--device", "cpu", "--max-frames", "16",
                    "--budget-tokens", "512", "--max-new-tokens", "12"])
     assert rc == 0
     data = json.loads(report.read_text())
-    n = len(load_annotations(ann))
-    assert data["backend"] == "engine" and data["queries"] == n and len(data["results"]) == n
-    assert set(data["metrics"]) == {"R@1,IoU=0.3", "R@1,IoU=0.5", "R@1,IoU=0.7", "mIoU", "answered"}
-    assert all(0.0 <= v <= 1.0 for v in data["metrics"].values())
+    n = len(questions(load_annotations(ann)))
+    assert data["backend"] == "engine" and data["metrics"]["questions"] == n and len(data["results"]) == n
+    for k in ("mIoU", "R@0.5,occurrence", "recall_present", "false_positive_rate", "AUROC", "passes/query"):
+        assert k in data["metrics"]
+    assert all(0.0 <= v <= 1.0 for k, v in data["metrics"].items() if k in ("mIoU", "recall_present"))
+    assert data["metrics"]["passes/query"] > 0
+    assert any(k.startswith("video ") for k in data["buckets"])
     for row in data["results"]:
-        assert isinstance(row["raw_answer"], str) and 0.0 <= row["iou"] <= 1.0
+        assert isinstance(row["raw_answer"], str) and all(0.0 <= i <= 1.0 for i in row["ious"])
     assert "mIoU" in capsys.readouterr().out
 
 

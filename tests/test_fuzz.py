@@ -309,10 +309,10 @@ def test_prompt_injection_answers_are_parsed_only_as_times_within_the_video(stub
             assert 0.0 <= start < end <= duration_s + 1e-6, (result.raw_answer, start, end)
             assert 0.0 <= seg.confidence <= 1.0
     # Had the model obeyed, the parser would still keep only times inside the video.
-    from moments.workers.model.answer_parser import parse_answer
+    from moments.workers.model.answer_parser import parse_segments
 
     obeyed = ["DROP TABLE videos; from -5 to 99999 seconds", '{"start_time": -1e308, "end_time": 1e308}',
               "1e308 to -inf seconds, NaN", *INJECTIONS]
     for text in obeyed:
-        for seg in parse_answer(text, duration_s):
-            assert 0.0 <= seg.start_s < seg.end_s <= duration_s, (text, seg)
+        for start, end in parse_segments(text, duration_s).segments:
+            assert 0.0 <= start < end <= duration_s, (text, start, end)

@@ -67,7 +67,7 @@ def test_fast_decoder_gives_the_eager_tokens(tiny_model_dir, engine):
         assert [x for _, x in q.pieces] == pytest.approx([x for _, x in e.pieces], rel=1e-3)
     assert set(quick[0].stage_ms) == {"prefill", "generate"}
     # The hot prefix stays loaded across questions, and the prefix object itself is untouched.
-    assert fast._fast.loaded[0] == id(prefix_f.cache)
+    assert fast._scheduler.decoder.slot_of((id(prefix_f.cache), prefix_f.length, prefix_f.key)) is not None
     assert [a.text for a in fast.generate(tokens, QUERIES[:2], max_new_tokens=24, prefix=prefix_f)] == \
         [a.text for a in eager[:2]]
     # Another video (another prefix) replaces it; then back to the first one.
@@ -130,7 +130,7 @@ def test_cuda_graph_decoder_matches_eager(tiny_model_dir):
     tokens = eager.encode(make_frames(plan, 26), plan)
     want = [a.text for a in eager.generate(tokens, QUERIES, max_new_tokens=24)]
     assert [a.text for a in fast.generate(tokens, QUERIES, max_new_tokens=24)] == want
-    assert fast._fast.graphs and fast._fast._graphs
+    assert fast._scheduler.decoder.graphs and fast._scheduler.decoder._graphs
 
 
 def _fresh(tiny_model_dir, **kw) -> Engine:
@@ -206,3 +206,28 @@ def test_cuda_fused_compiled_vision_and_prefill(tiny_model_dir):
     a, b = stock.prefill(tokens), eng.prefill(tokens)
     for x, y in zip(a.cache.layers, b.cache.layers):
         assert float((x.keys - y.keys).norm() / x.keys.norm()) < 1e-2
+
+
+@cuda
+def test_cuda_int4_logits_match_the_dequantized_fp16_path(tiny_awq_model_dir):
+    """The AWQ checkpoint kept 4-bit (torch's int4 kernel, bf16) against the same weights dequantized
+    to fp16: every position's logits close, the same argmax almost everywhere; the vision tower is not
+    quantized."""
+    from moments.workers.model.numerics import compare_logits
+    from moments.workers.model.quant import Int4Linear
+
+    int4 = Engine.load(str(tiny_awq_model_dir), device="cuda", awq_kernel="int4", compile=False)
+    fp16 = Engine.load(str(tiny_awq_model_dir), device="cuda", awq_kernel="dequantize", dtype="float16", compile=False)
+    try:
+        assert int4.quantization == "awq-int4"
+        assert any(isinstance(m, Int4Linear) for m in int4.model.model.language_model.modules())
+        assert not any(isinstance(m, Int4Linear) for m in int4.model.model.visual.modules())
+        plan = make_plan(8, 4.0)
+        tokens = int4.encode(make_frames(plan, seed=3), plan)
+        r = compare_logits(int4, fp16, tokens, QUERIES[0])
+        assert r["positions"] > 20
+        assert r["mean_abs"] < 0.05 * r["logit_scale"] and r["max_abs"] < 0.5 * r["logit_scale"] + 0.05
+        assert r["argmax_same"] >= 0.9
+    finally:
+        int4.close()
+        fp16.close()

@@ -34,6 +34,7 @@ import multiprocessing
 import random
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import av
@@ -42,15 +43,27 @@ import torch
 
 from moments.media.decode import INTERPOLATION
 from moments.media.sampling import SamplingOptions, SamplingPlan, plan_sampling
-from moments.tools.synthetic import COLORS, Scene, frame_times_s, random_scene, render_frame, shown_time_s
+from moments.tools.synthetic import (
+    COLORS,
+    FOREIGN,
+    NATIVE_FPS,
+    Scene,
+    absent_queries,
+    frame_times_s,
+    random_scene,
+    render_frame,
+    shown_time_s,
+    wording,
+)
 from moments.tools.tiny_model import build_tiny_model, legacy_key
 from moments.workers.model import prompt
-from moments.workers.model.answer_parser import format_segment
+from moments.workers.model.answer_parser import format_segments
 from moments.workers.model.engine import Engine, EngineOptions
 from moments.workers.model.loading import SAMPLING_FILE, Checkpoint
 from moments.workers.model.positions import mrope_positions
 from moments.workers.model.preprocessing import VideoProcessing, pixel_values_videos
-from moments.workers.pipeline import answer_segments
+from moments.tools.scoring import auroc, best_iou
+from moments.workers.answers import answer_segments
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +75,7 @@ TRAIN_MAX_FRAMES = (16, 24, 32, 48, 64, 64, 64)
 """Frame caps drawn per example, so one duration is seen at several sampled rates (2/k fps,
 ``second_per_grid_ts`` k). Evaluate with ``--max-frames 64 --budget-tokens 512`` (the tests' stack)."""
 BUDGET_TOKENS = 512
-TRAIN_DURATION_S = (20.0, 1200.0)
+TRAIN_DURATION_S = (20.0, 3600.0)
 """Training videos are whole seconds, log-uniform in this range (the upper end is ``--max-duration-s``);
 evaluation uses other lengths."""
 HELD_OUT_DURATIONS_S = (23.5, 37.5, 53.0, 67.5, 81.0, 96.5, 117.0, 143.0, 188.5, 251.0, 415.5, 737.0, 1187.5)
@@ -92,6 +105,12 @@ def grounder_config(cfg: dict) -> dict:
     return cfg
 
 
+def checkpoint_bounds() -> dict[str, int]:
+    """What the grounder was trained with: every sampling plan for it stays within these."""
+    return {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "max_frames": max(TRAIN_MAX_FRAMES),
+            "budget_tokens": BUDGET_TOKENS}
+
+
 def sampling_options(max_frames: int = 64, budget_tokens: int = BUDGET_TOKENS) -> SamplingOptions:
     return SamplingOptions(max_frames=max_frames, budget_tokens=budget_tokens, min_pixels=MIN_PIXELS,
                            max_pixels=MAX_PIXELS)
@@ -109,7 +128,8 @@ def scene_frames(scene: Scene, plan: SamplingPlan, size: tuple[int, int] = VIDEO
     for i, t in enumerate(plan.frame_times_s):
         shown = shown_time_s(times, t)
         if shown not in cache:
-            rgb = render_frame(size[0], size[1], shown, scene.events)
+            rgb = np.zeros((size[1], size[0], 3), np.uint8) if scene.black else \
+                render_frame(size[0], size[1], shown, scene.events)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
             cache[shown] = frame.reformat(width=plan.width, height=plan.height, format="rgb24",
                                           interpolation=INTERPOLATION).to_ndarray()
@@ -125,52 +145,137 @@ def training_duration(rng: random.Random, hi: float = TRAIN_DURATION_S[1]) -> fl
             return d
 
 
+@dataclass(frozen=True)
+class DataMix:
+    """What training examples look like. Defaults: the recipe of the shipped grounder."""
+
+    min_events: int = 1
+    max_events: int = 3
+    max_duration_s: float = 3600.0
+    """Videos are 20 s to this long (log-uniform, whole seconds)."""
+    move_fraction: float = 0.3
+    """Share of events where an object on screen slides left (else it appears)."""
+    short_event_fraction: float = 0.4
+    """Share of scenes whose events last SHORT_EVENT_S seconds instead of 12-45% of the video."""
+    repeat_fraction: float = 0.25
+    """Share of events that happen 2-3 times."""
+    empty_fraction: float = 0.04
+    black_fraction: float = 0.02
+    """Scenes with no event at all; black ones show nothing but black."""
+    window_fraction: float = 0.5
+    """Share of examples that see a window of the video (as a search pass does), not all of it."""
+    absent_fraction: float = 0.2
+    """Share of the asked queries that name something the example does not show."""
+    wording_fraction: float = 0.5
+    """Share of queries asked in another wording than the canonical one (case variants included)."""
+    foreign_fraction: float = 0.03
+    """Share of examples with a query in another language (answered "not in the video")."""
+
+
+SHORT_EVENT_S = (2.0, 12.0)
+WINDOW_S = (16.0, 1200.0)
+"""Window lengths (log-uniform), as the search's coarse (128 s) and zoom (32 s) windows and more."""
+
+
+def _window(rng: random.Random, scene: Scene) -> tuple[float, float]:
+    """A whole-second window of the scene: around an occurrence half of the time, else anywhere."""
+    d = scene.duration_s
+    span = float(round(math.exp(rng.uniform(math.log(WINDOW_S[0]), math.log(min(WINDOW_S[1], d))))))
+    span = min(span, math.floor(d))
+    occurrences = [o for e in scene.events for o in e.occurrences]
+    if occurrences and rng.random() < 0.5:
+        a, b = rng.choice(occurrences)
+        lo, hi = max(0, math.ceil(b - span)), min(math.floor(a), math.floor(d - span))
+        start = float(rng.randint(lo, hi)) if lo <= hi else float(max(0, min(math.floor(a), math.floor(d - span))))
+    else:
+        start = float(rng.randint(0, max(0, math.floor(d - span))))
+    return start, min(start + span, d)
+
+
+def seen_occurrences(event, plan: SamplingPlan, shown: list[float], end_s: float) -> list[tuple[float, float]]:
+    """The event's occurrences that a sampled frame shows, clipped to [first frame, ``end_s``), relative
+    to the first sampled frame (the model's time 0). Occurrences no frame shows cannot be answered."""
+    first = plan.frame_times_s[0]
+    out = []
+    for a, b in event.occurrences:
+        if any(a <= t < b for t in shown):
+            lo, hi = max(a, first) - first, min(b, end_s) - first
+            if hi > lo:
+                out.append((lo, hi))
+    return out
+
+
 class Examples:
     """Training example number ``i``: a function of (seed, i) only, so a run is reproducible
-    whichever process renders it."""
+    whichever process renders it. Each is a scene (or a window of it) and several questions about
+    it: every event it shows (in varied wordings), and questions about what it does not show,
+    answered with the "not in the video" sentence."""
 
-    def __init__(self, tokenizer, seed: int, single_event_until: int = 0, min_events: int = 1,
-                 max_duration_s: float = TRAIN_DURATION_S[1], move_fraction: float = 0.0) -> None:
+    def __init__(self, tokenizer, seed: int, mix: DataMix = DataMix()) -> None:
         self.tok = tokenizer
         self.seed = seed
-        self.single_event_until = single_event_until
-        """Curriculum: examples before this index show one event, so finding *where* comes before
-        telling events apart by the query."""
+        self.mix = mix
         self.end_id = tokenizer.convert_tokens_to_ids(prompt.IM_END)
         self.video_token_id = tokenizer.convert_tokens_to_ids(prompt.VIDEO_PAD)
-        self.min_events = min_events
-        self.max_duration_s = max_duration_s
-        self.move_fraction = move_fraction
+        self.absent_answer = self.ids(prompt.ABSENT_ANSWER) + [self.end_id]
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
 
+    def scene(self, rng: random.Random) -> Scene:
+        m = self.mix
+        duration = training_duration(rng, m.max_duration_s)
+        r = rng.random()
+        if r < m.empty_fraction + m.black_fraction:
+            return Scene(duration, rng.choice(NATIVE_FPS), (), vfr=rng.random() < 0.25, seed=rng.randrange(2**31),
+                         black=r < m.black_fraction)
+        short = rng.random() < m.short_event_fraction
+        return random_scene(rng, duration, max_events=m.max_events, min_events=m.min_events,
+                            move_fraction=m.move_fraction, event_s=SHORT_EVENT_S if short else None,
+                            repeat_fraction=m.repeat_fraction)
+
     def __call__(self, i: int) -> dict:
         rng = random.Random(self.seed * 1_000_003 + i)
-        single = i < self.single_event_until
-        scene = random_scene(rng, training_duration(rng, self.max_duration_s), max_events=1 if single else 3,
-                             min_events=1 if single else self.min_events, move_fraction=self.move_fraction)
-        plan = plan_for(scene, sampling_options(rng.choice(TRAIN_MAX_FRAMES)))
-        event = rng.choice(scene.events)
+        m = self.mix
+        scene = self.scene(rng)
+        start_s, end_s = _window(rng, scene) if rng.random() < m.window_fraction else (0.0, scene.duration_s)
+        options = replace(sampling_options(rng.choice(TRAIN_MAX_FRAMES)), start_s=start_s,
+                          end_s=end_s if end_s < scene.duration_s else None)
+        plan = plan_for(scene, options)
+        shown = shown_times_s(scene, plan)
         prefix = self.ids(prompt.video_prefix_text(plan.visual_tokens))
-        question = self.ids(prompt.question_suffix_text(event.query))
-        answer = self.ids(format_segment(event.start_s, event.end_s)) + [self.end_id]
-        ids = prefix + question + answer
-        rows = [(ids, len(answer))]  # the drawn query first, then the scene's other events (same video)
-        asked = [event]
-        for other in scene.events:
-            if other != event:
-                a = self.ids(format_segment(other.start_s, other.end_s)) + [self.end_id]
-                rows.append((prefix + self.ids(prompt.question_suffix_text(other.query)) + a, len(a)))
-                asked.append(other)
+        rows: list[tuple[list[int], int]] = []
+        asked = []  # per row: the event asked about, or None
+        present = []
+        for event in scene.events:
+            seen = seen_occurrences(event, plan, shown, end_s)
+            text = wording(rng, event.color, event.shape, event.kind) if rng.random() < m.wording_fraction \
+                else event.query
+            if seen:
+                present.append((text, self.ids(format_segments(seen)) + [self.end_id], event))
+            else:  # nothing of it in view: the right answer is "not in the video"
+                rows.append((prefix + self.ids(prompt.question_suffix_text(text)) + self.absent_answer,
+                             len(self.absent_answer)))
+                asked.append(None)
+        for text, answer, event in present:
+            rows.append((prefix + self.ids(prompt.question_suffix_text(text)) + answer, len(answer)))
+            asked.append(event)
+        n_absent = max(1, round(m.absent_fraction / (1 - m.absent_fraction) * len(present))) if present else 2
+        queries = absent_queries(rng, scene.events, n_absent, wordings=rng.random() < m.wording_fraction)
+        if rng.random() < m.foreign_fraction:
+            queries.append(rng.choice(FOREIGN))
+        for text in queries:
+            rows.append((prefix + self.ids(prompt.question_suffix_text(text)) + self.absent_answer,
+                         len(self.absent_answer)))
+            asked.append(None)
         # Position ids are computed here, in the render process, so the training loop only stacks arrays.
         grid = (plan.frames // 2, plan.height // PATCH, plan.width // PATCH)
         positions = [mrope_positions(r, self.video_token_id, grid, plan.second_per_grid_ts, TOKENS_PER_SECOND,
                                      MERGE)[0].numpy().astype(np.int32) for r, _ in rows]
-        shown = shown_times_s(scene, plan)
+        steps = plan.frames // 2
+        visible = [step_visibility(e, shown) if e is not None else np.zeros(steps, np.float32) for e in asked]
         return {"scene": scene, "plan": plan, "frames": scene_frames(scene, plan), "grid": grid, "rows": rows,
-                "positions": positions, "asked_visible": np.stack([step_visibility(e, shown) for e in asked]),
-                **aux_targets(scene, plan, shown)}
+                "positions": positions, "asked_visible": np.stack(visible), **aux_targets(scene, plan, shown)}
 
 
 AUX_COLORS = sorted(COLORS)
@@ -380,18 +485,60 @@ def iou(a: tuple[float, float], b: tuple[float, float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def quick_eval(engine: Engine, scenes: list[Scene]) -> float:
-    """Mean IoU of the engine's first segment over every event of ``scenes`` (rendered frames)."""
-    scores = []
-    for scene in scenes:
-        plan = plan_for(scene, sampling_options())
-        tokens = engine.encode(scene_frames(scene, plan), plan)
-        generations = engine.generate(tokens, [e.query for e in scene.events], max_new_tokens=24)
-        for event, g in zip(scene.events, generations):
-            segments = answer_segments(g, tokens, scene.duration_s)
-            seg = segments[0] if segments else None
-            scores.append(iou((seg.start_s, seg.end_s), (event.start_s, event.end_s)) if seg else 0.0)
-    return float(np.mean(scores))
+@dataclass(frozen=True)
+class EvalCase:
+    """A held-out question for :func:`quick_eval`: a scene, the window looked at, a query, and the truth
+    (occurrences relative to the video start; empty: not in the window)."""
+
+    scene: Scene
+    start_s: float
+    end_s: float | None
+    query: str
+    truth: tuple[tuple[float, float], ...]
+
+
+def eval_cases(seed: int, move_fraction: float = 0.3) -> list[EvalCase]:
+    """Held-out lengths (never drawn in training): whole videos with their events and two absent
+    queries each, and windows like the search's around short events."""
+    rng = random.Random(seed + 1)
+    cases = []
+    for d in HELD_OUT_DURATIONS_S:
+        scene = random_scene(rng, d, min_events=1, move_fraction=move_fraction)
+        cases += [EvalCase(scene, 0.0, None, e.query, e.occurrences) for e in scene.events]
+        cases += [EvalCase(scene, 0.0, None, q, ()) for q in absent_queries(rng, scene.events, 2)]
+    for d in (615.5, 1433.5, 2987.5):
+        scene = random_scene(rng, d, event_s=(2.0, 8.0), min_events=2, move_fraction=move_fraction)
+        for e in scene.events:
+            start = float(max(0, math.floor(e.start_s) - rng.randint(5, 100)))
+            end = min(d, start + 128.0)
+            inside = tuple((max(a, start), min(b, end)) for a, b in e.occurrences if a < end and b > start)
+            cases.append(EvalCase(scene, start, end, e.query, inside))
+    return cases
+
+
+def quick_eval(engine: Engine, cases: list[EvalCase]) -> dict[str, float]:
+    """On rendered frames: mIoU of present questions (best segment per occurrence), the AUROC of the
+    raw presence score between present and absent questions, and their sum (the selection score)."""
+    ious, pos, neg = [], [], []
+    by_view: dict[tuple, list[EvalCase]] = {}
+    for c in cases:
+        by_view.setdefault((id(c.scene), c.start_s, c.end_s), []).append(c)
+    for group in by_view.values():
+        first = group[0]
+        plan = plan_for(first.scene, replace(sampling_options(), start_s=first.start_s, end_s=first.end_s))
+        tokens = engine.encode(scene_frames(first.scene, plan), plan)
+        generations = engine.generate(tokens, [c.query for c in group], max_new_tokens=32)
+        for c, g in zip(group, generations):
+            predicted = [(s.start_s, s.end_s) for s in answer_segments(g, tokens, c.scene.duration_s)]
+            if c.truth:
+                pos.append(g.raw_presence)
+                ious += [best_iou(t, predicted) for t in c.truth]
+            else:
+                neg.append(g.raw_presence)
+    miou = float(np.mean(ious)) if ious else 0.0
+    area = auroc(pos, neg)
+    area = 0.0 if math.isnan(area) else area
+    return {"miou": miou, "auroc": area, "selection": miou + area}
 
 
 def save(model, cfg: dict, out: Path, name: str = "model.safetensors") -> None:
@@ -489,11 +636,10 @@ class ReusePool:
 
 
 def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, threads: int,
-          single_event_fraction: float, stop_after_steps: int = 0, time_limit_s: float,
-          device: str = "cpu", workers: int = 1, aux_weight: float = 0.0, aux_until: float = 1.0,
-          eval_every_s: float = 0.0, command: str = "", init: Path | None = None, reuse: int = 1,
-          eval_at_start: bool = False, data_seed: int | None = None, bind_weight: float = 0.0,
-          min_events: int = 1, max_duration_s: float = TRAIN_DURATION_S[1], move_fraction: float = 0.0) -> dict:
+          stop_after_steps: int = 0, time_limit_s: float, device: str = "cpu", workers: int = 1,
+          aux_weight: float = 0.0, aux_until: float = 1.0, eval_every_s: float = 0.0, command: str = "",
+          init: Path | None = None, reuse: int = 1, eval_at_start: bool = False, data_seed: int | None = None,
+          bind_weight: float = 0.0, mix: DataMix = DataMix()) -> dict:
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -504,9 +650,13 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
         torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
     build_tiny_model(out, seed=seed)  # tokenizer, chat template, processor configs, generation config
+    if init is not None:  # the tokenizer the initial weights were trained with
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "generation_config.json"):
+            if (Path(init) / name).is_file():
+                (out / name).write_bytes((Path(init) / name).read_bytes())
     cfg = grounder_config(json.loads((out / "config.json").read_text()))
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (out / SAMPLING_FILE).write_text(json.dumps({"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}) + "\n")
+    (out / SAMPLING_FILE).write_text(json.dumps(checkpoint_bounds()) + "\n")
     patch_vision_attention()
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg))
     if init is not None:
@@ -523,18 +673,13 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
              "reuse %d, init %s", n_params / 1e6, steps, batch_size, dev, workers, aux_weight, reuse, init)
 
     data_seed = seed if data_seed is None else data_seed
-    examples = Examples(tok, data_seed, single_event_until=int(steps * batch_size * single_event_fraction),
-                        min_events=min_events, max_duration_s=max_duration_s, move_fraction=move_fraction)
+    examples = Examples(tok, data_seed, mix)
     # Child processes render examples while this one trains (uint8 frames are cheap to pickle), a
     # bounded number of chunks ahead, in order.
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_set_examples, initargs=(examples,))
     stream = _prefetch(pool, steps * batch_size, chunk=8, ahead=4 * workers)
     data = ReusePool(stream, reuse=reuse, seed=data_seed)
-    eval_rng = random.Random(seed + 1)
-    eval_scenes = [random_scene(eval_rng, d) for d in HELD_OUT_DURATIONS_S]
-    if move_fraction > 0:  # the same lengths again with "moves left" events among the queries
-        move_rng = random.Random(seed + 2)
-        eval_scenes += [random_scene(move_rng, d, min_events=2, move_fraction=0.5) for d in HELD_OUT_DURATIONS_S]
+    cases = eval_cases(seed, mix.move_fraction)
     opt = torch.optim.AdamW(list(model.parameters()) + list(aux.parameters()) + list(bind.parameters()),
                             lr=lr, weight_decay=0.01,
                             betas=(0.9, 0.98))
@@ -552,10 +697,10 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
     if eval_at_start:
         model.eval()
         with torch.no_grad():
-            miou0 = quick_eval(engine, eval_scenes)
+            first = quick_eval(engine, cases)
         model.train()
-        history.append({"step": 0, "loss_ema": None, "held_out_miou": round(miou0, 4), "elapsed_s": 0})
-        log.info("step 0 held-out mIoU %.3f", miou0)
+        history.append({"step": 0, "loss_ema": None, **{k: round(v, 4) for k, v in first.items()}, "elapsed_s": 0})
+        log.info("step 0 held-out %s", first)
         started = time.monotonic()  # the schedule and time limit start after this evaluation
     ema = None
     waited = 0.0
@@ -586,18 +731,18 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
             model.eval()
             try:
                 with torch.no_grad():
-                    miou = quick_eval(engine, eval_scenes)
+                    scores = quick_eval(engine, cases)
             except Exception:  # an evaluation failure must not lose the run
                 log.exception("quick_eval failed")
-                miou = -1.0
+                scores = {"miou": -1.0, "auroc": -1.0, "selection": -2.0}
             model.train()
             last_eval = time.monotonic()
-            history.append({"step": step, "loss_ema": round(ema, 4), "held_out_miou": round(miou, 4),
+            history.append({"step": step, "loss_ema": round(ema, 4), **{k: round(v, 4) for k, v in scores.items()},
                             "elapsed_s": round(elapsed)})
-            log.info("step %d held-out mIoU %.3f", step, miou)
+            log.info("step %d held-out %s", step, scores)
             save(model, cfg, out)
-            if miou >= best:
-                best = miou
+            if scores["selection"] >= best:
+                best = scores["selection"]
                 save(model, cfg, out, name="model_best.safetensors")
         if last:
             break
@@ -605,10 +750,10 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
     summary = {"command": command, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                "steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": n_params,
                "aux_weight": aux_weight, "aux_until": aux_until, "workers": workers,
-               "train_s": round(time.monotonic() - started), "data_wait_s": round(waited), "best_quick_miou": best,
+               "train_s": round(time.monotonic() - started), "data_wait_s": round(waited), "best_selection": best,
                "init": str(init) if init is not None else None, "reuse": reuse, "data_seed": data_seed,
                "fresh_examples": data.fresh, "reused_examples": data.reused, "bind_weight": bind_weight,
-               "min_events": min_events, "max_duration_s": max_duration_s, "move_fraction": move_fraction,
+               "mix": asdict(mix),
                "steps_per_s": round(step / max(1e-9, time.monotonic() - started), 2),
                "history": history, "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -616,6 +761,8 @@ def train(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, eval_
 
 
 def main(argv: list[str] | None = None) -> None:
+    import dataclasses
+
     parser = argparse.ArgumentParser(description="Train the tiny grounder on synthetic event videos.")
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int, default=3000)
@@ -625,8 +772,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest for these tiny matrices on a shared 2-core box)")
-    parser.add_argument("--single-event-fraction", type=float, default=0.0,
-                        help="first part of the run with one event per video (curriculum)")
     parser.add_argument("--stop-after-steps", type=int, default=0,
                         help="stop (and save) here, with the learning-rate schedule of --steps")
     parser.add_argument("--time-limit-s", type=float, default=3300.0,
@@ -646,22 +791,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-at-start", action="store_true", help="quick-evaluate before the first step")
     parser.add_argument("--bind-weight", type=float, default=0.5,
                         help="weight of the auxiliary query-to-video binding loss (middle layer)")
-    parser.add_argument("--max-duration-s", type=float, default=TRAIN_DURATION_S[1],
-                        help="longest training video (lengths are log-uniform from 20 s)")
-    parser.add_argument("--move-fraction", type=float, default=0.3,
-                        help="share of events where an object on screen slides left (else it appears)")
-    parser.add_argument("--min-events", type=int, default=2,
-                        help="fewest events per training video (more events: more practice telling them apart)")
+    mix = parser.add_argument_group("data mix (moments.tools.train_grounder.DataMix)")
+    for f in dataclasses.fields(DataMix):
+        mix.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    data_mix = DataMix(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataMix)})
     summary = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    eval_every=args.eval_every, threads=args.threads,
-                    single_event_fraction=args.single_event_fraction, stop_after_steps=args.stop_after_steps,
+                    eval_every=args.eval_every, threads=args.threads, stop_after_steps=args.stop_after_steps,
                     time_limit_s=args.time_limit_s, device=args.device, workers=args.workers,
                     aux_weight=args.aux_weight, aux_until=args.aux_until, eval_every_s=args.eval_every_s,
                     init=args.init, reuse=args.reuse, eval_at_start=args.eval_at_start, data_seed=args.data_seed,
-                    bind_weight=args.bind_weight, min_events=args.min_events, max_duration_s=args.max_duration_s,
-                    move_fraction=args.move_fraction,
+                    bind_weight=args.bind_weight, mix=data_mix,
                     command="python -m moments.tools.train_grounder " + " ".join(sys.argv[1:] if argv is None else argv))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 

@@ -57,8 +57,8 @@ class JobContext:
     async def emit(self, kind: str, data: dict) -> None:
         await self.redis.xadd(keys.job_events(self.job.job_id), Event(kind, data).to_fields())
 
-    async def progress(self, stage: str, done: int = 0, total: int = 0, message: str = "") -> None:
-        await self.emit(EVENT_PROGRESS, progress_data(stage, done, total, message))
+    async def progress(self, stage: str, done: int = 0, total: int = 0, message: str = "", round: int = 0) -> None:
+        await self.emit(EVENT_PROGRESS, progress_data(stage, done, total, message, round))
 
     async def result(self, result: QueryResult) -> None:
         await self.emit(EVENT_RESULT, result.to_dict())
@@ -74,15 +74,19 @@ class JobLoop:
     """Consumes jobs one at a time and runs them with ``handler`` (KV-prefix affinity when ``affinity``)."""
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, handler: JobHandler, name: str, *,
-                 affinity: bool = False) -> None:
+                 affinity: bool = False, concurrency: int = 1) -> None:
         self.settings = settings
         self.redis = redis
         self.handler = handler
         self.name = name
         self.affinity = affinity
+        self.concurrency = max(1, concurrency)
+        """Jobs run at once (their questions decode in the same steps)."""
         self.handed_over = 0
         self.lease_ms = int(settings.job_lease_s * 1000)
         self._stopping = asyncio.Event()
+        self._running: dict[str, asyncio.Task] = {}
+        self._fatal: BaseException | None = None
         self.jobs_done = 0
 
     def stop(self) -> None:
@@ -92,14 +96,26 @@ class JobLoop:
         """Run until ``stop()``; raises FatalDeviceError (unacknowledged jobs go to others)."""
         await self._ensure_group()
         beat = asyncio.create_task(self._heartbeat())
+        slots = asyncio.Semaphore(self.concurrency)
         try:
             await self._drain_own_pending()
             while not self._stopping.is_set():
+                await slots.acquire()
+                if self._stopping.is_set():
+                    slots.release()
+                    break
                 entry = await self._next_entry()
-                if entry is not None:
-                    await self._handle(*entry)
-                if self.affinity and not self._stopping.is_set():
+                if entry is None:
+                    slots.release()
+                else:
+                    self._start(entry, slots)
+                    if self.concurrency == 1:
+                        await asyncio.gather(*self._running.values())
+                if self.affinity and not self._stopping.is_set() and len(self._running) < self.concurrency:
                     await self._drain_own_pending()  # jobs other workers handed to us
+            await asyncio.gather(*self._running.values())  # the jobs in hand finish
+            if self._fatal is not None:
+                raise self._fatal
         finally:
             beat.cancel()
             try:
@@ -107,6 +123,22 @@ class JobLoop:
                 await self.redis.hdel(keys.WORKERS_BUSY, self.name)
             except Exception:  # noqa: BLE001 - Redis gone; the heartbeat goes stale by itself
                 pass
+
+    def _start(self, entry, slots: asyncio.Semaphore) -> None:
+        """Run one entry as a task; a fatal device error stops the loop and is raised by :meth:`run`."""
+        key = str(entry[0])
+
+        async def run_one():
+            try:
+                await self._handle(*entry)
+            except errors.FatalDeviceError as exc:
+                self._fatal = exc
+                self.stop()
+            finally:
+                self._running.pop(key, None)
+                slots.release()
+
+        self._running[key] = asyncio.create_task(run_one())
 
     async def _ensure_group(self) -> None:
         try:
@@ -130,7 +162,7 @@ class JobLoop:
         for entry_id, fields in reply[0][1] if reply else []:
             if self._stopping.is_set():
                 return
-            if fields:
+            if fields and str(entry_id) not in self._running:  # not a job this worker runs right now
                 await self._handle(entry_id, fields)
 
     async def _next_entry(self):
@@ -184,7 +216,8 @@ class JobLoop:
             return
         started = time.monotonic()
         await self.redis.hset(keys.job(job_id), mapping={"state": jobs.RUNNING, "worker": self.name})
-        await self.redis.hset(keys.WORKERS_BUSY, self.name, job_id)
+        if len(self._running) >= self.concurrency:  # full: affinity hands it no more jobs
+            await self.redis.hset(keys.WORKERS_BUSY, self.name, job_id)
         log.info("job %s running video=%s attempt=%d", job_id, job.video_id, attempt)
         hold = asyncio.create_task(self._hold(entry_id))
         context = JobContext(self.redis, job, attempt)
@@ -207,7 +240,7 @@ class JobLoop:
             return
         finally:
             hold.cancel()
-            await self.redis.hset(keys.WORKERS_BUSY, self.name, "")
+            await self.redis.hset(keys.WORKERS_BUSY, self.name, "")  # a lane is free again
         stats.worker = self.name
         stats.attempt = attempt
         stats.stage_ms["total"] = (time.monotonic() - started) * 1000

@@ -28,7 +28,7 @@ def engine_options(settings: Settings) -> EngineOptions:
                          attn_implementation=settings.attn_implementation,
                          fast_decode=None if settings.fast_decode else False,
                          compile=None if settings.compile else False,
-                         fused_prefill=None if settings.fused_prefill else False)
+                         fused_prefill=None if settings.fused_prefill else False, awq_kernel=settings.awq_kernel)
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -49,7 +49,8 @@ async def run_worker(settings: Settings, engine: Engine | None = None, *, ready:
         open_blob_store(settings),
         owner=name,
     )
-    loop = JobLoop(settings, redis, pipeline, name, affinity=settings.kv_affinity)
+    concurrency = settings.worker_jobs or (8 if engine.device.type == "cuda" else 1)
+    loop = JobLoop(settings, redis, pipeline, name, affinity=settings.kv_affinity, concurrency=concurrency)
     running = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

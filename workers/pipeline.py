@@ -24,15 +24,16 @@ from moments.core.records import (
     JobStats,
     QueryResult,
     SamplingRequest,
-    Segment,
+    SearchRequest,
     VideoInfo,
 )
 from moments.media.decode import decode_frames, default_threads
 from moments.media.sampling import SamplingOptions, SamplingPlan, plan_sampling, resolve_options
 from moments.workers.job_loop import JobContext
 from moments.workers.kv_cache import KVPrefixCache
-from moments.workers.model.answer_parser import parse_answer
-from moments.workers.model.engine import Engine, Generation, VisualTokens
+from moments.workers import search
+from moments.workers.search import add_ms
+from moments.workers.model.engine import Engine, VisualTokens
 from moments.workers.token_cache import TokenCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -51,19 +52,14 @@ class PreparedJob:
     key: str
 
 
-def answer_segments(generation: Generation, tokens: VisualTokens, duration_s: float) -> tuple[Segment, ...]:
-    """Segments of an answer in video time: the model counts from the first sampled frame (rope id 0)."""
-    first = tokens.first_frame_s
-    relative = parse_answer(generation.text, max(0.0, duration_s - first), generation.pieces)
-    return tuple(Segment(s.start_s + first, s.end_s + first, s.confidence) for s in relative)
-
-
 def answer_file(engine: Engine, settings: Settings, path, queries, *, info: VideoInfo | None = None,
-                sampling: SamplingRequest = SamplingRequest(), tokens_hook=None) -> list[QueryResult]:
-    """The worker's steps on a local file, in this process (no Redis): probe, plan (the same
-    resolution as a job), decode, encode, generate, parse. For evaluation and tests.
+                sampling: SamplingRequest = SamplingRequest(), search_request: SearchRequest = SearchRequest(),
+                tokens_hook=None, min_confidence: float = 0.0, stats: JobStats | None = None) -> list[QueryResult]:
+    """The worker's steps on a local file, in this process (no Redis, no caches): probe, plan (the same
+    resolution as a job), the same search, decode, encode, prefill, generate, parse. For evaluation and
+    tests; ``stats`` (if given) collects passes, tokens and stage times.
 
-    ``tokens_hook(tokens) -> tokens`` may alter the visual tokens before the answers (tests break
+    ``tokens_hook(tokens) -> tokens`` may alter each pass's visual tokens (tests break
     ``second_per_grid_ts`` with it)."""
     from moments.media.decode import decode_all
     from moments.media.probe import probe_file
@@ -71,17 +67,30 @@ def answer_file(engine: Engine, settings: Settings, path, queries, *, info: Vide
     if info is None:
         info = probe_file(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
     options = resolve_options(sampling, settings, engine.sampling_bounds)
-    plan = plan_sampling(info.duration_s, info.native_fps, info.width, info.height, options)
-    tokens = engine.encode(decode_all(path, plan, info, backend=settings.decode_backend), plan)
-    if tokens_hook is not None:
-        tokens = tokens_hook(tokens)
-    generations = engine.generate(tokens, list(queries), max_new_tokens=settings.max_new_tokens)
-    return [QueryResult(i, q, answer_segments(g, tokens, info.duration_s), g.text)
-            for i, (q, g) in enumerate(zip(queries, generations))]
+    stats = stats if stats is not None else JobStats()
+
+    async def view(window: search.Window):
+        started = time.perf_counter()
+        frames = decode_all(path, window.plan, info, backend=settings.decode_backend)
+        add_ms(stats, "decode", started)
+        started = time.perf_counter()
+        tokens = engine.encode(frames, window.plan)
+        add_ms(stats, "encode", started)
+        if tokens_hook is not None:
+            tokens = tokens_hook(tokens)
+        started = time.perf_counter()
+        prefix = engine.prefill(tokens)
+        add_ms(stats, "prefill", started)
+        return tokens, prefix
+
+    searcher = search.Searcher(engine, view, stats, max_new_tokens=settings.max_new_tokens)
+    return asyncio.run(searcher.answer(info, options, list(queries), search_request.with_defaults(settings),
+                                       min_confidence or settings.min_confidence))
 
 
 class Pipeline:
-    """Runs jobs against one engine, with the Redis token cache and the hot KV prefixes."""
+    """Runs jobs against one engine, with the Redis token cache and the hot KV prefixes: one pass per
+    window a search looks at (one pass in all for a video the model sees densely enough)."""
 
     def __init__(self, settings: Settings, engine: Engine, token_cache: TokenCache, kv_cache: KVPrefixCache,
                  blobs: BlobStore, owner: str) -> None:
@@ -93,7 +102,7 @@ class Pipeline:
         self.owner = owner
 
     def prepare(self, job: Job, info: VideoInfo) -> PreparedJob:
-        """The job's effective options (request, server defaults, model bounds) and plan."""
+        """The job's effective options (request, server defaults, model bounds) and its first plan."""
         options = resolve_options(job.sampling, self.settings, self.engine.sampling_bounds)
         try:
             plan = plan_sampling(info.duration_s, info.native_fps, info.width, info.height, options)
@@ -102,41 +111,49 @@ class Pipeline:
         return PreparedJob(job, info, options, plan, cache_key(job.video_id, plan, self.engine.fingerprint))
 
     async def run(self, work: PreparedJob, ctx: JobContext) -> JobStats:
-        job, info, plan, key = work.job, work.info, work.plan, work.key
+        job, plan = work.job, work.plan
         stats = JobStats(sampled_fps=plan.fps, frames=plan.frames, visual_tokens=plan.visual_tokens,
-                         frame_width=plan.width, frame_height=plan.height, model=self.engine.model_name)
-        hot = self.kv_cache.get(key) if job.kind == KIND_LOCALIZE else None
-        if hot is not None:
-            tokens, prefix = hot
-            stats.cache = "kv"
-        else:
-            tokens, prefix = await self._visual_tokens(work, ctx, stats), None
-        if job.kind == KIND_INDEX:
+                         frame_width=plan.width, frame_height=plan.height, model=self.engine.model_name,
+                         effective_sampling=_request_fields(work.options), rounds=1)
+        coarse = search.coarse_windows(work.info, work.options, job.search)
+        if job.kind == KIND_INDEX:  # warm what the questions' coarse passes will read
+            for i, window in enumerate(coarse):
+                await ctx.check_cancelled()
+                if len(coarse) > 1:
+                    await ctx.progress("searching", i, len(coarse), "indexing windows", round=1)
+                stats.passes += 1
+                stats.total_visual_tokens += window.plan.visual_tokens
+                await self._tokens(work, window, ctx, stats)
             return stats
-        if prefix is None:
-            await ctx.check_cancelled()
-            await ctx.progress("prefilling", 0, tokens.n_tokens)
-            started = time.perf_counter()
-            prefix = await asyncio.to_thread(self.engine.prefill, tokens)
-            stats.stage_ms["prefill"] = (time.perf_counter() - started) * 1000
-            if self.kv_cache.put(key, (tokens, prefix)):
-                await self._advertise(key)
-        generate_ms = 0.0
-        max_new = job.max_new_tokens or self.settings.max_new_tokens
-        for index, query in enumerate(job.queries):
-            await ctx.check_cancelled()
-            await ctx.progress("generating", index, len(job.queries), query)
-            started = time.perf_counter()
-            [generation] = await asyncio.to_thread(self.engine.generate, tokens, [query], max_new_tokens=max_new,
-                                                   prefix=prefix)
-            generate_ms += (time.perf_counter() - started) * 1000
-            result = QueryResult(index, query, answer_segments(generation, tokens, info.duration_s), generation.text)
+        searcher = search.Searcher(self.engine, lambda window: self._prefix(work, window, ctx, stats), stats,
+                                   max_new_tokens=job.max_new_tokens or self.settings.max_new_tokens,
+                                   progress=ctx.progress, check=ctx.check_cancelled)
+        results = await searcher.answer(work.info, work.options, list(job.queries), job.search,
+                                        job.min_confidence or self.settings.min_confidence, coarse)
+        for result in results:
             await ctx.result(result)
-        stats.stage_ms["generate"] = generate_ms
         return stats
 
+    async def _prefix(self, work: PreparedJob, window: search.Window, ctx: JobContext, stats: JobStats):
+        """The window's visual tokens and hot prefix: from the KV cache, else tokens (Redis or decode +
+        encode) and a prefill kept hot for the next question."""
+        key = cache_key(work.job.video_id, window.plan, self.engine.fingerprint)
+        hot = self.kv_cache.get(key)
+        if hot is not None:
+            _outcome(stats, "kv")
+            return hot
+        tokens = await self._tokens(work, window, ctx, stats, key=key)
+        await ctx.check_cancelled()
+        await ctx.progress("prefilling", 0, tokens.n_tokens)
+        started = time.perf_counter()
+        prefix = await asyncio.to_thread(self.engine.prefill, tokens)
+        add_ms(stats, "prefill", started)
+        if self.kv_cache.put(key, (tokens, prefix)):
+            await self._advertise(key)
+        return tokens, prefix
+
     async def preferred_worker(self, work: PreparedJob) -> str | None:
-        """The worker holding this job's KV prefix, if one advertised it (an affinity hint)."""
+        """The worker holding this job's (first) KV prefix, if one advertised it (an affinity hint)."""
         if work.job.kind != KIND_LOCALIZE or self.kv_cache.budget_bytes == 0:
             return None
         if self.kv_cache.get(work.key) is not None:
@@ -150,41 +167,43 @@ class Pipeline:
         except RedisError:
             pass
 
-    async def _visual_tokens(self, work: PreparedJob, ctx: JobContext, stats: JobStats) -> VisualTokens:
+    async def _tokens(self, work: PreparedJob, window: search.Window, ctx: JobContext, stats: JobStats, *,
+                      key: str | None = None) -> VisualTokens:
         """From the Redis token cache (or from another worker encoding the same key), else decoded and
         encoded here and stored for the next job."""
-        plan, key = work.plan, work.key
+        plan = window.plan
+        key = key or cache_key(work.job.video_id, plan, self.engine.fingerprint)
         lock = self.token_cache.encode_lock(key, self.owner)
+        outcome = "miss"
         try:
             tokens = await self.token_cache.get(key)
             if tokens is None and not await lock.acquire():
                 await ctx.progress("encoding", 0, plan.frames, "waiting for another worker")
                 tokens = await self.token_cache.wait_for_other(key)
             if tokens is not None:
-                stats.cache = "tokens"
+                _outcome(stats, "tokens")
                 return tokens
-            stats.cache = "miss"
         except RedisError as exc:
             log.warning("token cache unavailable (%s); decoding without it", exc)
-            stats.cache = "bypassed"
+            outcome = "bypassed"
+        _outcome(stats, outcome)
         try:
-            tokens = await self._decode_and_encode(work, ctx, stats, lock)
-            if stats.cache == "miss":
+            tokens = await self._decode_and_encode(work, plan, ctx, stats, lock if outcome == "miss" else None)
+            if outcome == "miss":
                 await self.token_cache.put(key, work.job.video_id, tokens)
         except RedisError as exc:
             log.warning("could not store visual tokens (%s)", exc)
-            stats.cache = "bypassed"
+            _outcome(stats, "bypassed")
         finally:
-            if stats.cache == "miss":
+            if outcome == "miss":
                 await lock.release()
         return tokens
 
-    async def _decode_and_encode(self, work: PreparedJob, ctx: JobContext, stats: JobStats, lock) -> VisualTokens:
+    async def _decode_and_encode(self, work: PreparedJob, plan: SamplingPlan, ctx: JobContext, stats: JobStats,
+                                 lock) -> VisualTokens:
         """Decode and encode chunk by chunk: frames are never all in memory at once."""
-        plan = work.plan
         parts: list[VisualTokens] = []
         done = 0
-        decode_ms = encode_ms = 0.0
         await ctx.progress("decoding", 0, plan.frames)
         with self.blobs.reader(work.job.video_id) as path:
             frames_iter = decode_frames(path, plan, work.info, backend=self.settings.decode_backend,
@@ -194,21 +213,34 @@ class Pipeline:
                 await ctx.check_cancelled()
                 started = time.perf_counter()
                 chunk = await asyncio.to_thread(next, frames_iter, None)
-                decode_ms += (time.perf_counter() - started) * 1000
+                add_ms(stats, "decode", started)
                 if chunk is None:
                     break
                 started = time.perf_counter()
                 parts.append(await asyncio.to_thread(self.engine.encode, chunk, _sub_plan(plan, done, len(chunk))))
-                encode_ms += (time.perf_counter() - started) * 1000
+                add_ms(stats, "encode", started)
                 done += len(chunk)
                 await ctx.progress("encoding", done, plan.frames)
-                if stats.cache == "miss":
+                if lock is not None:
                     await lock.refresh()
         if done != plan.frames:
             raise Internal(f"decoded {done} frames, planned {plan.frames}")
-        stats.stage_ms["decode"] = decode_ms
-        stats.stage_ms["encode"] = encode_ms
         return concat_visual_tokens(parts, plan)
+
+
+_OUTCOME_ORDER = ("kv", "tokens", "miss", "bypassed")
+"""A job's cache outcome is the least cached of its passes'."""
+
+
+def _outcome(stats: JobStats, outcome: str) -> None:
+    if not stats.cache or _OUTCOME_ORDER.index(outcome) > _OUTCOME_ORDER.index(stats.cache):
+        stats.cache = outcome
+
+
+def _request_fields(options: SamplingOptions) -> dict:
+    """Effective options as ``SamplingRequest`` fields (what JobStats.effective_sampling shows)."""
+    return {"max_fps": options.max_fps, "max_frames": options.max_frames, "budget_tokens": options.budget_tokens,
+            "start_s": options.start_s, "end_s": options.end_s}
 
 
 def concat_visual_tokens(parts: list[VisualTokens], plan: SamplingPlan) -> VisualTokens:

@@ -14,6 +14,8 @@ from moments.core.logs import setup_logging
 from moments.core.config import Settings, settings_table
 
 log = logging.getLogger(__name__)
+EXIT_NO_MODEL = 4
+"""``moments worker`` exit code when its model does not load (missing, unreadable, no network)."""
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +49,11 @@ def cmd_serve(args) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level, settings.log_json)
-    asyncio.run(serve_forever(settings, args.workers))
-    return 0
+    return asyncio.run(serve_forever(settings, args.workers))
 
 
 def cmd_worker(args) -> int:
+    from moments.app.serve import missing_local_model
     from moments.tools.faults import maybe_faulty
     from moments.workers.main import load_engine, run_worker
 
@@ -60,8 +62,22 @@ def cmd_worker(args) -> int:
     if not settings.redis_url:
         print("moments worker needs MOMENTS_REDIS_URL / --redis-url", file=sys.stderr)
         return 2
-    engine = maybe_faulty(load_engine(settings), settings.faults)
-    return asyncio.run(run_worker(settings, engine))
+    if missing_local_model(settings.model):
+        print(f"moments worker: the model directory {settings.model} does not exist", file=sys.stderr)
+        return EXIT_NO_MODEL
+    try:
+        engine = load_engine(settings)
+    except Exception as exc:  # noqa: BLE001 - any load failure: one line, not a traceback
+        log.debug("model load failed", exc_info=True)
+        print(f"moments worker: cannot load the model {settings.model}: {type(exc).__name__}: "
+              f"{_one_line(exc)}", file=sys.stderr)
+        return EXIT_NO_MODEL
+    return asyncio.run(run_worker(settings, maybe_faulty(engine, settings.faults)))
+
+
+def _one_line(exc: BaseException, max_chars: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= max_chars else text[:max_chars - 3] + "..."
 
 
 def cmd_demo(args) -> int:
@@ -199,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--report", default="eval-report.json")
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--write-calibration", action="store_true",
+                   help="fit the score calibration on these annotations (absent queries needed) and write it "
+                        "into the model directory (engine runner; one pass per question)")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_eval)
 

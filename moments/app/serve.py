@@ -32,6 +32,12 @@ def weights_available(model: str) -> bool:
         return False
 
 
+def missing_local_model(model: str) -> bool:
+    """True when ``model`` is written as a path (not a hub id like ``org/name``) and is not there."""
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
+    return looks_like_path and not Path(model).expanduser().exists()
+
+
 def demo_model_dir(settings: Settings) -> Path:
     """The project's tiny model: the shipped trained grounder if present, else one built now."""
     from moments.tools import GROUNDER_DIR
@@ -78,10 +84,14 @@ class Stack:
         return f"{host}:{self.front.port}"
 
     def start_worker(self, index: int, **setting_overrides) -> subprocess.Popen:
-        """Start worker process ``index`` with the stack's settings (``setting_overrides`` changed)."""
+        """Start worker process ``index`` with the stack's settings (``setting_overrides`` changed); on a
+        host with several GPUs, worker ``index`` sees only GPU ``gpus[index % len(gpus)]``."""
         settings = self.settings.replace(**setting_overrides)
         env = {**os.environ, **_settings_env(settings),
                "MOMENTS_WORKER_NAME": f"worker-{index}-{time.monotonic_ns()}", **(self.worker_env or {})}
+        gpus = worker_gpus(settings)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
         proc = subprocess.Popen([sys.executable, "-m", "moments.app.cli", "worker"], env=env)
         self.workers.append(proc)
         return proc
@@ -121,6 +131,23 @@ class Stack:
             self.redis = None
 
 
+def worker_gpus(settings: Settings) -> list[str]:
+    """The GPUs workers are spread over: ``Settings.worker_gpus`` (a comma list), else, for a CUDA
+    device, every GPU this host shows (``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi -L``); [] on CPU."""
+    if settings.worker_gpus:
+        return [g.strip() for g in settings.worker_gpus.split(",") if g.strip()]
+    if settings.device == "cpu" or (settings.device.startswith("cuda:")):
+        return []  # one device named for every worker: leave placement to the caller
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(listed.splitlines()) if line.startswith("GPU ")]
+
+
 def _settings_env(settings: Settings) -> dict[str, str]:
     env = {}
     for name, value in settings.__dict__.items():
@@ -129,15 +156,56 @@ def _settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def serve_forever(settings: Settings, workers: int) -> None:
-    if settings.model == DEFAULT_MODEL and not weights_available(settings.model):
-        log.warning("weights of %s are not in the local cache; the worker will download them",
-                    settings.model)
+def model_or_grounder(settings: Settings) -> Settings:
+    """Settings whose model is on this machine: without the default model's weights, the shipped
+    grounder (with a one-line warning), so ``moments serve`` answers out of the box."""
+    if settings.model != DEFAULT_MODEL or weights_available(settings.model):
+        return settings
+    model_dir = demo_model_dir(settings)
+    log.warning("weights of %s are not on this machine: serving the project's tiny grounder %s (it "
+                "knows only synthetic events; download the weights or pass --model DIR for real videos)",
+                settings.model, model_dir)
+    return settings.replace(model=str(model_dir))
+
+
+WORKER_POLL_S = 0.5
+
+
+async def serve_forever(settings: Settings, workers: int) -> int:
+    """Run until SIGTERM/SIGINT (exit 0), or until every worker this command started has exited
+    (exit 1: nothing of this machine can answer; the workers said why). A model directory that
+    does not exist stops it before anything starts (exit 2)."""
+    if workers and missing_local_model(settings.model):
+        print(f"error: the model directory {settings.model} does not exist", file=sys.stderr)
+        return 2
+    settings = model_or_grounder(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Stack(settings, workers=workers) as stack:
-        print(f"Moments listening on {stack.target} (redis {stack.settings.redis_url})", flush=True)
-        await stop.wait()
+        print(f"Moments listening on {stack.target} (redis {stack.settings.redis_url}); it answers "
+              f"once a worker has loaded {settings.model}", flush=True)
+        watch = asyncio.create_task(_watch_workers(stack))
+        await asyncio.wait([watch, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if watch.done():
+            print(f"error: every worker exited (exit codes {[p.returncode for p in stack.workers]}); "
+                  "shutting down", file=sys.stderr, flush=True)
+            return 1
+        watch.cancel()
         print("shutting down: draining calls in flight", flush=True)
+    return 0
+
+
+async def _watch_workers(stack: Stack) -> None:
+    """Reap worker processes as they exit, saying so; returns once every one of them has."""
+    reported: set[int] = set()
+    while stack.workers:
+        for index, proc in enumerate(stack.workers):
+            if proc.poll() is not None and index not in reported:
+                reported.add(index)
+                log.warning("worker %d exited with code %s", index, proc.returncode)
+        if len(reported) == len(stack.workers):
+            return
+        await asyncio.sleep(WORKER_POLL_S)
+    await asyncio.Event().wait()  # --workers 0: a front end alone runs until stopped

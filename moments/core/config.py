@@ -73,6 +73,8 @@ class Settings:
     device: str = _setting("auto", "Torch device for the worker (auto, cpu, cuda, cuda:1)")
     dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     attn_implementation: str = _setting("sdpa", "sdpa, eager or flash_attention_2")
+    awq_kernel: str = _setting(
+        "auto", "AWQ checkpoints: auto (4-bit on torch's int4 kernel on CUDA, else dequantized), int4, gptqmodel, dequantize")
     fast_decode: bool = _setting(True, "CUDA only: static KV buffer + CUDA-graph decode steps")
     compile: bool = _setting(True, "CUDA only: torch.compile the fused vision blocks and prefill")
     fused_prefill: bool = _setting(True, "CUDA only: fused prefix prefill (plain Linear layers)")
@@ -81,12 +83,25 @@ class Settings:
     max_frames: int = _setting(768, "Most sampled frames per video (default and cap)")
     max_fps: float = _setting(2.0, "Highest sampled frame rate, default and cap (plans use 2/k fps)")
     max_new_tokens: int = _setting(64, "Most generated tokens per answer")
+    min_confidence: float = _setting(
+        0.5, "Default min_confidence: segments scoring below it are dropped (the query is then not found)")
+    search_mode: str = _setting("auto", "Default search through long videos: auto (coarse windows, then zoom) or off")
+    search_min_event_s: float = _setting(
+        2.0, "Shortest event a search must see: coarse windows sample a frame at least this often")
+    search_max_rounds: int = _setting(2, "Most search rounds per query (the coarse pass, then zoom passes)")
+    search_max_passes: int = _setting(64, "Most model passes (windows) per query in a search")
+    search_max_visual_tokens: int = _setting(
+        4_000_000, "Most visual tokens over all passes of one query's search")
     decode_backend: str = _setting("auto", "auto, pyav or decord")
     decode_threads: int = _setting(0, "Chunks of one video decoded in parallel (0 = one per core, at most 8)")
     token_cache_ttl_s: int = _setting(7 * 24 * 3600, "TTL of cached visual tokens in Redis")
     token_cache_chunk_bytes: int = _setting(8 * 1024**2, "Chunk size of cached visual tokens")
     kv_cache_bytes: int = _setting(4 * 1024**3, "Worker memory for hot KV prefixes (0 = off)")
     kv_affinity: bool = _setting(True, "Hand a job to the idle worker holding its KV prefix")
+    worker_gpus: str = _setting(
+        "", "GPUs `moments serve` spreads its workers over, one each in turn (comma list; empty = every visible GPU)")
+    worker_jobs: int = _setting(
+        0, "Jobs a worker runs at once, their questions decoding in the same steps (0 = 8 on CUDA, 1 on CPU)")
     worker_name: str = _setting("", "Consumer name in the job group (default host-pid)")
     log_json: bool = _setting(False, "JSON log lines")
     log_level: str = _setting("INFO", "Log level")

@@ -62,7 +62,11 @@ class DeadlineExceeded(MomentsError):
 
 
 class JobFailed(MomentsError):
-    """The job failed on the worker side (model error, retries exhausted)."""
+    """The job failed on the worker side (model error, retries exhausted); ABORTED + ErrorInfo JOB_FAILED."""
+
+    def __init__(self, message: str, *, job_id: str = "") -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class Internal(MomentsError):

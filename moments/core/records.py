@@ -7,6 +7,7 @@ Each record owns its conversions: ``to_pb``/``from_pb`` for the public API and
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -73,6 +74,46 @@ class SamplingRequest:
         if self.end_s is not None:
             m.end_offset.CopyFrom(duration_pb(self.end_s))
         return m
+
+
+SEARCH_MODES = {pb.SearchOptions.MODE_UNSPECIFIED: "", pb.SearchOptions.OFF: "off", pb.SearchOptions.AUTO: "auto"}
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """How a caller asked to search a long video; zeros and "" mean the server's defaults."""
+
+    mode: str = ""
+    """"off" or "auto"."""
+    min_event_s: float = 0.0
+    max_rounds: int = 0
+    max_passes: int = 0
+    max_visual_tokens: int = 0
+
+    @classmethod
+    def from_pb(cls, m: pb.SearchOptions) -> "SearchRequest":
+        if m.mode not in SEARCH_MODES:
+            raise errors.InvalidArgument(f"unknown search mode {m.mode}", field="search.mode")
+        min_event_s = duration_s(m.min_event) if m.HasField("min_event") else 0.0
+        if not (math.isfinite(min_event_s) and min_event_s >= 0):
+            raise errors.InvalidArgument("search.min_event must be a non-negative duration", field="search.min_event")
+        for name in ("max_rounds", "max_passes", "max_visual_tokens"):
+            if getattr(m, name) < 0:
+                raise errors.InvalidArgument(f"search.{name} must not be negative", field=f"search.{name}")
+        return cls(SEARCH_MODES[m.mode], min_event_s, m.max_rounds, m.max_passes, m.max_visual_tokens)
+
+    def with_defaults(self, settings: "Settings") -> "SearchRequest":
+        """Zero fields take the server's defaults; limits never exceed the server's caps."""
+        def cap(asked: int, most: int) -> int:
+            return min(asked, most) if asked else most
+
+        return SearchRequest(
+            mode=self.mode or settings.search_mode,
+            min_event_s=self.min_event_s or settings.search_min_event_s,
+            max_rounds=cap(self.max_rounds, settings.search_max_rounds),
+            max_passes=cap(self.max_passes, settings.search_max_passes),
+            max_visual_tokens=cap(self.max_visual_tokens, settings.search_max_visual_tokens),
+        )
 
 
 @dataclass(frozen=True)
@@ -144,10 +185,20 @@ class Segment:
 
 @dataclass(frozen=True)
 class QueryResult:
+    """One query's answer: its segments (every occurrence found), or "not found" (no segments)."""
+
     query_index: int
     query: str
     segments: tuple[Segment, ...]
     raw_answer: str
+    score: float = 0.0
+    """Calibrated probability that the event happens in the looked-at video (max over passes)."""
+    raw_presence: float | None = None
+    """The uncalibrated presence of the best pass (for fitting the calibration; not in the API)."""
+
+    @property
+    def found(self) -> bool:
+        return bool(self.segments)
 
     def to_pb(self) -> pb.QueryResult:
         return pb.QueryResult(
@@ -155,7 +206,13 @@ class QueryResult:
             query=self.query,
             segments=[s.to_pb() for s in self.segments],
             raw_answer=self.raw_answer,
+            found=self.found,
+            score=self.score,
         )
+
+    @classmethod
+    def from_pb(cls, m: pb.QueryResult) -> "QueryResult":
+        return cls(m.query_index, m.query, tuple(Segment.from_pb(s) for s in m.segments), m.raw_answer, m.score)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -163,6 +220,7 @@ class QueryResult:
             "query": self.query,
             "segments": [asdict(s) for s in self.segments],
             "raw_answer": self.raw_answer,
+            "score": self.score,
         }
 
     @classmethod
@@ -172,6 +230,7 @@ class QueryResult:
             query=d["query"],
             segments=tuple(Segment(**s) for s in d["segments"]),
             raw_answer=d["raw_answer"],
+            score=float(d.get("score", 0.0)),
         )
 
 
@@ -195,9 +254,19 @@ class JobStats:
     worker: str = ""
     model: str = ""
     attempt: int = 0
+    effective_sampling: dict[str, Any] = field(default_factory=dict)
+    """``SamplingRequest`` fields of the first pass's effective options."""
+    rounds: int = 0
+    passes: int = 0
+    total_visual_tokens: int = 0
 
     def to_pb(self) -> pb.JobStats:
+        effective = SamplingRequest(**self.effective_sampling).to_pb() if self.effective_sampling else None
         return pb.JobStats(
+            effective_sampling=effective,
+            rounds=self.rounds,
+            passes=self.passes,
+            total_visual_tokens=self.total_visual_tokens,
             sampled_fps=self.sampled_fps,
             frames=self.frames,
             visual_tokens=self.visual_tokens,
@@ -234,6 +303,9 @@ class Job:
     queries: tuple[str, ...] = ()
     sampling: SamplingRequest = SamplingRequest()
     max_new_tokens: int = 0
+    min_confidence: float = 0.0
+    """Segments scoring below it are dropped (a query left without any is not found); filled by the front end."""
+    search: "SearchRequest" = field(default_factory=lambda: SearchRequest())
     tenant: str = ""
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_s: float = field(default_factory=time.time)
@@ -255,8 +327,14 @@ class Job:
             raise errors.InvalidArgument(f"max_new_tokens must be in [0, {settings.max_new_tokens}]",
                                          field="max_new_tokens")
         sampling = _validate_sampling(SamplingRequest.from_pb(request.sampling), settings)
+        min_confidence = float(request.min_confidence) if kind == KIND_LOCALIZE else 0.0
+        if not (math.isfinite(min_confidence) and 0.0 <= min_confidence <= 1.0):
+            raise errors.InvalidArgument("min_confidence must be in [0, 1]", field="min_confidence")
+        search = SearchRequest.from_pb(request.search) if kind == KIND_LOCALIZE else SearchRequest()
         return cls(kind=kind, video_id=request.video_id, queries=queries,
-                   sampling=sampling.with_defaults(settings), max_new_tokens=max_new_tokens, tenant=tenant)
+                   sampling=sampling.with_defaults(settings), max_new_tokens=max_new_tokens,
+                   min_confidence=min_confidence or settings.min_confidence,
+                   search=search.with_defaults(settings), tenant=tenant)
 
     def check_video(self, video: "VideoInfo") -> None:
         """Raise InvalidArgument when the request does not fit the video (e.g. a range past its end)."""
@@ -270,6 +348,7 @@ class Job:
         d.pop("blob_path", None)  # written by versions that handed workers a path
         d["queries"] = tuple(d["queries"])
         d["sampling"] = SamplingRequest(**d["sampling"])
+        d["search"] = SearchRequest(**d.get("search", {}))
         return cls(**d)
 
 
@@ -293,6 +372,9 @@ def _validate_queries(kind: str, queries: tuple[str, ...], settings: "Settings")
                 f"query of {len(query)} characters; at most {settings.max_query_chars}", field=f"queries[{i}]")
         if any(ord(c) < 32 and c not in "\t\n" for c in query):
             raise errors.InvalidArgument("a query contains control characters", field=f"queries[{i}]")
+        if not any(c.isalnum() for c in query):
+            raise errors.InvalidArgument("a query needs at least one letter or digit (it is only punctuation, "
+                                         "symbols or emoji)", field=f"queries[{i}]")
 
 
 def _validate_sampling(s: SamplingRequest, settings: "Settings") -> SamplingRequest:
@@ -324,12 +406,13 @@ STAGES = {
     "prefilling": pb.PREFILLING,
     "generating": pb.GENERATING,
     "done": pb.DONE,
+    "searching": pb.SEARCHING,
 }
 
 
-def progress_data(stage: str, done: int = 0, total: int = 0, message: str = "") -> dict[str, Any]:
+def progress_data(stage: str, done: int = 0, total: int = 0, message: str = "", round: int = 0) -> dict[str, Any]:
     """The data of a progress event (what a worker writes; :func:`event_pb` reads it)."""
-    return {"stage": stage, "done": done, "total": total, "message": message}
+    return {"stage": stage, "done": done, "total": total, "message": message, "round": round}
 
 
 def event_pb(job_id: str, kind: str, data: dict[str, Any]) -> "pb.JobEvent | None":
@@ -337,7 +420,7 @@ def event_pb(job_id: str, kind: str, data: dict[str, Any]) -> "pb.JobEvent | Non
     if kind == EVENT_PROGRESS:
         return pb.JobEvent(job_id=job_id, progress=pb.Progress(
             stage=STAGES.get(data.get("stage", ""), pb.STAGE_UNSPECIFIED), done=int(data.get("done", 0)),
-            total=int(data.get("total", 0)), message=str(data.get("message", ""))))
+            total=int(data.get("total", 0)), message=str(data.get("message", "")), round=int(data.get("round", 0))))
     if kind == EVENT_RESULT:
         return pb.JobEvent(job_id=job_id, result=QueryResult.from_dict(data).to_pb())
     if kind == EVENT_DONE:

@@ -26,10 +26,59 @@ if _version_not_supported:
 
 
 class MomentsStub:
-    """The Moments service. Every RPC may fail with a gRPC status carrying google.rpc details:
-    INVALID_ARGUMENT + BadRequest (bad input), NOT_FOUND, FAILED_PRECONDITION (e.g. a resume at the
-    wrong offset, with the committed offset in the details), RESOURCE_EXHAUSTED + RetryInfo (queue
-    full, quota), UNAVAILABLE (Redis or workers down), UNAUTHENTICATED, DEADLINE_EXCEEDED.
+    """The Moments service.
+
+    Authentication: when the server has API keys, every call sends the metadata
+    `authorization: Bearer <key>`; each key is a tenant, and a tenant sees only its own videos and
+    uploads (another tenant's video is NOT_FOUND, even for the same bytes). Health checks and
+    reflection need no key.
+
+    Ids: a video id is the lower-case hex SHA-256 of its bytes (64 characters, [0-9a-f]); an upload
+    id is 32 lower-case hex characters; a video or upload id of another form is INVALID_ARGUMENT. A
+    job id (in responses) is 32 lower-case hex characters.
+
+    Limits (server settings; the defaults are given): a request message is at most 2 MiB; an upload
+    chunk at most 1 MiB (1048576 bytes); a file at most 8 GiB (MOMENTS_MAX_UPLOAD_BYTES) and 4 hours
+    (MOMENTS_MAX_DURATION_S); a request at most 16 queries (MOMENTS_MAX_QUERIES) of at most 500
+    characters each (MOMENTS_MAX_QUERY_CHARS, counted in Unicode code points); a page at most 1000
+    videos. A call that sets no deadline gets 600 s (MOMENTS_JOB_TIMEOUT_S); a longer deadline is cut
+    to that.
+
+    Errors are gRPC status codes. The status's google.rpc.Status (the `grpc-status-details-bin`
+    trailer, binary) repeats code and message and carries details as google.protobuf.Any:
+    INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
+    the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
+    says why. Do not retry unchanged.
+    NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
+    or another tenant's).
+    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
+    reason "WRONG_OFFSET": continue the upload at metadata["committed_bytes"] (a decimal string).
+    Sent when a chunk's offset is not the committed offset, when a stream ends before
+    size_bytes were sent, and when a stream that stalled past its hold lost the upload.
+    metadata["upload_id"] is the upload's id.
+    reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
+    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
+    answered with an error; the message says which, metadata["source_uri"] names it.
+    RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
+    (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
+    or the server's disk is full (60 s; the partial upload was dropped: start it again).
+    UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
+    stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
+    an upload resumes from what the store holds), or the video is being stored or deleted.
+    UNAUTHENTICATED: the authorization metadata is missing or names no key.
+    DEADLINE_EXCEEDED: the job did not finish within the call's deadline (see Limits).
+    ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
+    the job failed on the workers after its retries (3 deliveries, MOMENTS_JOB_MAX_ATTEMPTS); the
+    message says why. Calling again submits a new job.
+    CANCELLED: the caller cancelled. INTERNAL: a bug in Moments, never the caller's fault (message
+    "internal error"; the server logs the cause).
+
+    Jobs: IndexVideo, Localize and StreamLocalize run a job on a worker. An identical request
+    (same tenant, video, queries and options) made while its job is still open joins that job instead
+    of starting another. When every caller of a job has gone (cancelled, deadline passed), the job
+    stops.
     """
 
     def __init__(self, channel):
@@ -86,16 +135,83 @@ class MomentsStub:
 
 
 class MomentsServicer:
-    """The Moments service. Every RPC may fail with a gRPC status carrying google.rpc details:
-    INVALID_ARGUMENT + BadRequest (bad input), NOT_FOUND, FAILED_PRECONDITION (e.g. a resume at the
-    wrong offset, with the committed offset in the details), RESOURCE_EXHAUSTED + RetryInfo (queue
-    full, quota), UNAVAILABLE (Redis or workers down), UNAUTHENTICATED, DEADLINE_EXCEEDED.
+    """The Moments service.
+
+    Authentication: when the server has API keys, every call sends the metadata
+    `authorization: Bearer <key>`; each key is a tenant, and a tenant sees only its own videos and
+    uploads (another tenant's video is NOT_FOUND, even for the same bytes). Health checks and
+    reflection need no key.
+
+    Ids: a video id is the lower-case hex SHA-256 of its bytes (64 characters, [0-9a-f]); an upload
+    id is 32 lower-case hex characters; a video or upload id of another form is INVALID_ARGUMENT. A
+    job id (in responses) is 32 lower-case hex characters.
+
+    Limits (server settings; the defaults are given): a request message is at most 2 MiB; an upload
+    chunk at most 1 MiB (1048576 bytes); a file at most 8 GiB (MOMENTS_MAX_UPLOAD_BYTES) and 4 hours
+    (MOMENTS_MAX_DURATION_S); a request at most 16 queries (MOMENTS_MAX_QUERIES) of at most 500
+    characters each (MOMENTS_MAX_QUERY_CHARS, counted in Unicode code points); a page at most 1000
+    videos. A call that sets no deadline gets 600 s (MOMENTS_JOB_TIMEOUT_S); a longer deadline is cut
+    to that.
+
+    Errors are gRPC status codes. The status's google.rpc.Status (the `grpc-status-details-bin`
+    trailer, binary) repeats code and message and carries details as google.protobuf.Any:
+    INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
+    the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
+    says why. Do not retry unchanged.
+    NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
+    or another tenant's).
+    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
+    reason "WRONG_OFFSET": continue the upload at metadata["committed_bytes"] (a decimal string).
+    Sent when a chunk's offset is not the committed offset, when a stream ends before
+    size_bytes were sent, and when a stream that stalled past its hold lost the upload.
+    metadata["upload_id"] is the upload's id.
+    reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
+    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
+    answered with an error; the message says which, metadata["source_uri"] names it.
+    RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
+    (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
+    or the server's disk is full (60 s; the partial upload was dropped: start it again).
+    UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
+    stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
+    an upload resumes from what the store holds), or the video is being stored or deleted.
+    UNAUTHENTICATED: the authorization metadata is missing or names no key.
+    DEADLINE_EXCEEDED: the job did not finish within the call's deadline (see Limits).
+    ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
+    the job failed on the workers after its retries (3 deliveries, MOMENTS_JOB_MAX_ATTEMPTS); the
+    message says why. Calling again submits a new job.
+    CANCELLED: the caller cancelled. INTERNAL: a bug in Moments, never the caller's fault (message
+    "internal error"; the server logs the cause).
+
+    Jobs: IndexVideo, Localize and StreamLocalize run a job on a worker. An identical request
+    (same tenant, video, queries and options) made while its job is still open joins that job instead
+    of starting another. When every caller of a job has gone (cancelled, deadline passed), the job
+    stops.
     """
 
     def UploadVideo(self, request_iterator, context):
-        """Uploads a video as a client stream: first an UploadHeader, then chunks of at most 1 MiB with
-        their offsets. The same bytes uploaded twice return the same video at once. An interrupted
-        upload resumes by sending a header with its upload_id and chunks from the committed offset.
+        """Uploads a video as a client stream: first an UploadHeader, then UploadChunks of at most 1 MiB,
+        each carrying its byte offset in the file (the first 0, each next one the previous offset plus
+        its length). The file is verified against the header's sha256 and probed before the call
+        returns.
+
+        The same bytes uploaded again by the same caller return the stored video at once
+        (deduplicated = true) without reading any chunk. Bytes received are committed as they arrive;
+        a stream that is cut or ends early loses none of them.
+
+        Resuming: the upload's id depends only on the caller and the header's sha256 and size_bytes.
+        After a cut stream, either (a) call GetUpload with the id (from the FAILED_PRECONDITION's
+        ErrorInfo, or remembered) and send a header with that upload_id and chunks from
+        committed_bytes, or (b) send the same header again with chunks from 0: unless nothing was
+        committed, the first chunk is refused with WRONG_OFFSET carrying committed_bytes and the id, and
+        the next stream continues from there. An unfinished upload is removed 24 hours (MOMENTS_UPLOAD_TTL_S) after its last
+        stream ended (Upload.expire_time).
+
+        Errors: INVALID_ARGUMENT for a bad header, a chunk over 1 MiB or past size_bytes, a second
+        header, bytes whose SHA-256 is not the header's (the upload is dropped: start again), or a file
+        that is not a usable video (field "data"; dropped); FAILED_PRECONDITION WRONG_OFFSET or
+        UPLOAD_BUSY as described on the service; RESOURCE_EXHAUSTED when the disk is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,7 +228,8 @@ class MomentsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUpload(self, request, context):
-        """Returns how many bytes of an unfinished upload are committed, for resuming it.
+        """Returns how many bytes of an unfinished upload are committed, for resuming it. NOT_FOUND once
+        the upload has finished, expired, or is another caller's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,7 +257,8 @@ class MomentsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IndexVideo(self, request, context):
-        """Decodes and encodes a video ahead of questions (warms the visual-token cache), streaming progress.
+        """Decodes and encodes a video ahead of questions (warms the visual-token cache for these sampling
+        options), streaming Progress events and, last, `done` with the job's stats.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,7 +272,9 @@ class MomentsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamLocalize(self, request, context):
-        """Like Localize, but streams progress per stage and each query's result as soon as it is ready.
+        """Like Localize, but streams: Progress events per stage, each query's QueryResult as soon as it
+        is ready (in any order: see query_index), and last `done` with the job's stats. A failure ends
+        the stream with an error status instead of `done`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,10 +337,59 @@ def add_MomentsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Moments:
-    """The Moments service. Every RPC may fail with a gRPC status carrying google.rpc details:
-    INVALID_ARGUMENT + BadRequest (bad input), NOT_FOUND, FAILED_PRECONDITION (e.g. a resume at the
-    wrong offset, with the committed offset in the details), RESOURCE_EXHAUSTED + RetryInfo (queue
-    full, quota), UNAVAILABLE (Redis or workers down), UNAUTHENTICATED, DEADLINE_EXCEEDED.
+    """The Moments service.
+
+    Authentication: when the server has API keys, every call sends the metadata
+    `authorization: Bearer <key>`; each key is a tenant, and a tenant sees only its own videos and
+    uploads (another tenant's video is NOT_FOUND, even for the same bytes). Health checks and
+    reflection need no key.
+
+    Ids: a video id is the lower-case hex SHA-256 of its bytes (64 characters, [0-9a-f]); an upload
+    id is 32 lower-case hex characters; a video or upload id of another form is INVALID_ARGUMENT. A
+    job id (in responses) is 32 lower-case hex characters.
+
+    Limits (server settings; the defaults are given): a request message is at most 2 MiB; an upload
+    chunk at most 1 MiB (1048576 bytes); a file at most 8 GiB (MOMENTS_MAX_UPLOAD_BYTES) and 4 hours
+    (MOMENTS_MAX_DURATION_S); a request at most 16 queries (MOMENTS_MAX_QUERIES) of at most 500
+    characters each (MOMENTS_MAX_QUERY_CHARS, counted in Unicode code points); a page at most 1000
+    videos. A call that sets no deadline gets 600 s (MOMENTS_JOB_TIMEOUT_S); a longer deadline is cut
+    to that.
+
+    Errors are gRPC status codes. The status's google.rpc.Status (the `grpc-status-details-bin`
+    trailer, binary) repeats code and message and carries details as google.protobuf.Any:
+    INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
+    the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
+    says why. Do not retry unchanged.
+    NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
+    or another tenant's).
+    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
+    reason "WRONG_OFFSET": continue the upload at metadata["committed_bytes"] (a decimal string).
+    Sent when a chunk's offset is not the committed offset, when a stream ends before
+    size_bytes were sent, and when a stream that stalled past its hold lost the upload.
+    metadata["upload_id"] is the upload's id.
+    reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
+    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
+    answered with an error; the message says which, metadata["source_uri"] names it.
+    RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
+    (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
+    or the server's disk is full (60 s; the partial upload was dropped: start it again).
+    UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
+    stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
+    an upload resumes from what the store holds), or the video is being stored or deleted.
+    UNAUTHENTICATED: the authorization metadata is missing or names no key.
+    DEADLINE_EXCEEDED: the job did not finish within the call's deadline (see Limits).
+    ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
+    the job failed on the workers after its retries (3 deliveries, MOMENTS_JOB_MAX_ATTEMPTS); the
+    message says why. Calling again submits a new job.
+    CANCELLED: the caller cancelled. INTERNAL: a bug in Moments, never the caller's fault (message
+    "internal error"; the server logs the cause).
+
+    Jobs: IndexVideo, Localize and StreamLocalize run a job on a worker. An identical request
+    (same tenant, video, queries and options) made while its job is still open joins that job instead
+    of starting another. When every caller of a job has gone (cancelled, deadline passed), the job
+    stops.
     """
 
     @staticmethod

@@ -123,39 +123,99 @@ def dequantized_state_dict(model_dir: Path, group_size: int, dtype: torch.dtype)
     return state
 
 
+def check_awq_config(qcfg: dict) -> int:
+    """The group size of a runnable AWQ GEMM config; a QuantizationError naming the field otherwise."""
+    from moments.workers.model.quant import QuantizationError
+
+    if qcfg.get("bits", 4) != BITS:
+        raise QuantizationError(f"{qcfg.get('bits')} bits; only {BITS}-bit AWQ runs here", "quantization_config.bits")
+    if str(qcfg.get("version", "gemm")).lower() != "gemm":
+        raise QuantizationError(f"AWQ version {qcfg.get('version')!r}; only the GEMM layout runs here",
+                                "quantization_config.version")
+    if not qcfg.get("zero_point", True):
+        raise QuantizationError("symmetric AWQ (no zero points) is not supported", "quantization_config.zero_point")
+    group = qcfg.get("group_size")
+    if not isinstance(group, int) or group <= 0 or group % 8:
+        raise QuantizationError(f"group size {group!r} must be a positive multiple of 8",
+                                "quantization_config.group_size")
+    return group
+
+
+def check_awq_tensors(base: str, qweight, qzeros, scales, group_size: int) -> None:
+    """Raise QuantizationError naming the tensor when one is missing or the shapes disagree."""
+    from moments.workers.model.quant import QuantizationError
+
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        if t is None:
+            raise QuantizationError("missing from the checkpoint", f"{base}.{name}")
+    in_f, words = qweight.shape
+    if in_f % group_size:
+        raise QuantizationError(f"input width {in_f} is not a multiple of the group size {group_size}",
+                                f"{base}.qweight")
+    if tuple(qzeros.shape) != (in_f // group_size, words):
+        raise QuantizationError(f"shape {tuple(qzeros.shape)}, expected {(in_f // group_size, words)}",
+                                f"{base}.qzeros")
+    if tuple(scales.shape) != (in_f // group_size, words * PACK):
+        raise QuantizationError(f"shape {tuple(scales.shape)}, expected {(in_f // group_size, words * PACK)}",
+                                f"{base}.scales")
+
+
+def fix_modules_to_not_convert(names: list[str] | None) -> list[str]:
+    """The published Qwen2.5-VL AWQ config says ``["visual"]``; transformers v5 names the tower
+    ``model.visual.*`` and matches an entry only at a name's start or end, so ``"visual"`` matches
+    nothing and the vision tower gets quantized (its fp16 weights dropped, silently). Entries that
+    name the hub layout's top-level modules are rewritten to v5 names."""
+    out = []
+    for name in names or []:
+        out.append("model.visual" if name in ("visual", "visual.") else
+                   ("model.language_model." + name[len("model."):] if name.startswith("model.layers") else name))
+    return out or ["model.visual"]
+
+
 def empty_unquantized_model(model_dir: Path, *, dtype: torch.dtype, attn_implementation: str):
     """A weightless (meta) plain-Linear model for an AWQ checkpoint, and its group size."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     qcfg = json.loads((Path(model_dir) / "config.json").read_text())["quantization_config"]
-    if qcfg.get("bits", 4) != BITS or str(qcfg.get("version", "gemm")).lower() != "gemm" \
-            or not qcfg.get("zero_point", True):
-        raise ValueError(f"unsupported AWQ config for the dequantizing loader: {qcfg}")
+    group = check_awq_config(qcfg)
     config = AutoConfig.from_pretrained(str(model_dir))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config._attn_implementation = attn_implementation
     with init_empty_weights(include_buffers=False):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    return model, int(qcfg["group_size"])
+    return model, group
+
+
+def load_awq_gptqmodel(model_dir: Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str):
+    """transformers v5's own AWQ path (gptqmodel kernels), with the vision tower kept unquantized."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    qcfg = config.quantization_config
+    names = qcfg.get("modules_to_not_convert") if isinstance(qcfg, dict) else getattr(qcfg, "modules_to_not_convert", None)
+    fixed = fix_modules_to_not_convert(names)
+    if isinstance(qcfg, dict):
+        qcfg["modules_to_not_convert"] = fixed
+    else:
+        qcfg.modules_to_not_convert = fixed
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(model_dir), config=config, dtype=dtype, device_map=str(device), attn_implementation=attn_implementation)
+    quantized_vision = [n for n, m in model.model.visual.named_modules() if "Linear" in type(m).__name__
+                        and type(m) is not torch.nn.Linear]
+    if quantized_vision:
+        raise RuntimeError(f"gptqmodel quantized the vision tower ({quantized_vision[:3]}...): its weights were dropped")
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj
+    log.info("AWQ loaded through gptqmodel: kernel %s", type(q_proj).__name__)
+    return model
 
 
 def load_awq_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str):
-    """Load an AWQ Qwen2.5-VL checkpoint: natively through gptqmodel when importable, else dequantized."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    if native_awq_available():
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(model_dir), dtype=dtype, device_map=str(device), attn_implementation=attn_implementation)
-        q_proj = model.model.language_model.layers[0].self_attn.q_proj
-        log.info("AWQ loaded natively through gptqmodel: kernel %s, backend %s",
-                 type(q_proj).__name__, getattr(model.config.quantization_config, "backend", "?"))
-        return model
-
+    """Load an AWQ Qwen2.5-VL checkpoint by dequantizing it to plain Linear weights (on the CPU)."""
     model, group_size = empty_unquantized_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
     state = dequantized_state_dict(model_dir, group_size, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device)
-    log.info("AWQ loaded by dequantizing to %s Linear weights (gptqmodel not installed; no 4-bit kernels)", dtype)
+    log.info("AWQ loaded by dequantizing to %s Linear weights (no 4-bit kernels)", dtype)
     return model

@@ -18,7 +18,8 @@ On CUDA, by :class:`EngineOptions` (see ``benchmarks/RESULTS.md``, "GPU performa
 * the ``[system][video]`` prefix is prefilled with the same split per decoder layer
   (:class:`.kernels.prefill.FusedPrefill`, plain ``Linear`` layers only);
 * frames are normalized and patchified on the GPU (uint8 goes over the bus, not float32);
-* answers decode from a static KV buffer, one CUDA graph per step (:mod:`.kernels.decode_graphs`).
+* every question in flight decodes in the same steps from static KV buffers (the video prefix shared,
+  never copied), one CUDA graph per step shape (:mod:`.kernels.batch_decode`, :mod:`.scheduler`).
 
 One forward runs at a time (a lock); the worker calls the engine from a thread.
 """
@@ -32,6 +33,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +45,7 @@ import torch
 from moments.core.errors import Internal
 from moments.media.sampling import SamplingPlan
 from moments.workers.model import prompt
+from moments.workers.model.calibration import platt
 from moments.workers.model.device_errors import device_errors
 from moments.workers.model.loading import Checkpoint, load_checkpoint
 from moments.workers.model.positions import mrope_positions
@@ -74,6 +77,15 @@ class EngineOptions:
     """SDPA backend for the prefix prefill ("cudnn", "flash", "efficient"); None: PyTorch's choice."""
     optimize: bool = True
     """False: the model exactly as transformers builds it (the benchmarks' baseline)."""
+    decode_slots: int = 4
+    """Static-KV decoder: prefixes (video windows) decoding at once."""
+    decode_lanes: int = 16
+    """Static-KV decoder: questions per prefix decoding at once."""
+    decode_suffix: int = 384
+    """Static-KV decoder: positions per question (question, scored answer, generated tokens)."""
+    awq_kernel: str = "auto"
+    """How AWQ checkpoints run: auto (torch's int4 kernel on CUDA, else dequantized), int4, gptqmodel,
+    dequantize (``moments.workers.model.loading.AWQ_KERNELS``)."""
     decode_bucket: int = 1024
     decode_grow: int = 4096
     """Static-KV decoder: attend lengths are multiples of ``decode_bucket``; the buffer grows by ``decode_grow``."""
@@ -83,9 +95,10 @@ class EngineOptions:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
+    def torch_dtype(self, device: torch.device, *, int4: bool = False) -> torch.dtype:
+        """auto: fp16 on CUDA (bf16 for weights on torch's int4 kernel, which takes bf16), fp32 on CPU."""
         if self.dtype == "auto":
-            return torch.float16 if device.type == "cuda" else torch.float32
+            return (torch.bfloat16 if int4 else torch.float16) if device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
 
 
@@ -140,9 +153,16 @@ class Generation:
 
     text: str
     pieces: TokenProbs | None
-    """None when the per-token pieces do not add up to ``text`` (then no confidences)."""
+    """None when the per-token pieces do not add up to ``text``."""
     stage_ms: dict[str, float] = field(default_factory=dict)
     """``prefill`` (the question, plus the prefix when this call built it), ``generate``."""
+    absent_logprob: float = 0.0
+    """Log-probability of answering :data:`prompt.ABSENT_ANSWER` ("not in the video"), teacher-forced."""
+
+    @property
+    def raw_presence(self) -> float:
+        """1 - P(the "not in the video" answer): the uncalibrated chance the event is there."""
+        return -math.expm1(min(0.0, self.absent_logprob))
 
 
 class Engine:
@@ -175,6 +195,11 @@ class Engine:
         eos = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         if isinstance(eos, int):
             self.stop_ids.add(eos)
+        self.absent_ids = self.tokenizer(prompt.ABSENT_ANSWER, add_special_tokens=False).input_ids + \
+            [self.tokenizer.convert_tokens_to_ids(prompt.IM_END)]
+        """The "not in the video" answer and its end-of-turn token: scored after every question."""
+        self.calibration = dict(checkpoint.calibration)
+        """Platt parameters (``a``, ``b``) mapping the raw presence log-odds to a calibrated probability."""
         lm_params = inspect.signature(self.model.model.language_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"  # 5.24 renamed it
         cuda = self.device.type == "cuda"
@@ -198,12 +223,20 @@ class Engine:
                 self._fused_prefill = FusedPrefill(self.model, compile=self.compile)
             else:
                 log.info("fused prefill not supported by this model: transformers' forward")
-        self._fast = None
-        if self.fast_decode:
-            from moments.workers.model.kernels.decode_graphs import FastDecoder
-
-            self._fast = FastDecoder(self.model, bucket=options.decode_bucket, grow=options.decode_grow)
         self._lock = threading.Lock()
+        self._scheduler = None
+        if self.fast_decode:
+            from moments.workers.model.scheduler import DecodeScheduler
+
+            self._scheduler = DecodeScheduler(self, max_slots=options.decode_slots, max_lanes=options.decode_lanes,
+                                              suffix=options.decode_suffix, bucket_tokens=options.decode_bucket,
+                                              grow_tokens=options.decode_grow)
+
+    def close(self) -> None:
+        """Stop the decoding thread and let the model's memory go (the engine is unusable after)."""
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
 
     @property
     def prefill_fused(self) -> bool:
@@ -215,11 +248,16 @@ class Engine:
 
         ``options`` (or its fields as keywords) say how it runs; see :class:`EngineOptions`.
         """
+        from moments.workers.model.loading import awq_kernel_for, resolve_dir
+
         opts = dataclasses.replace(options or EngineOptions(), **option_fields)
         dev = opts.torch_device()
-        dtype = opts.torch_dtype(dev)
+        config = json.loads((resolve_dir(model) / "config.json").read_text())
+        awq = (config.get("quantization_config") or {}).get("quant_method") == "awq"
+        dtype = opts.torch_dtype(dev, int4=awq and awq_kernel_for(opts.awq_kernel, dev) == "int4")
         with device_errors():
-            ckpt = load_checkpoint(model, device=dev, dtype=dtype, attn_implementation=opts.attn_implementation)
+            ckpt = load_checkpoint(model, device=dev, dtype=dtype, attn_implementation=opts.attn_implementation,
+                                   awq_kernel=opts.awq_kernel)
         engine = cls(ckpt, opts, model_name=model)
         log.info("loaded %s on %s as %s (attention %s, vision attention %s, quantization %s, fast decode %s, "
                  "fused prefill %s)", model, dev, dtype, opts.attn_implementation, engine.vision_attention,
@@ -267,12 +305,16 @@ class Engine:
             return self._prefill(tokens)
 
     def generate(self, tokens: VisualTokens, queries: Sequence[str], *, max_new_tokens: int = 64,
-                 prefix: Prefix | None = None,
-                 on_progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+                 prefix: Prefix | None = None, on_progress: Callable[[int, int], None] | None = None,
+                 cancel: threading.Event | None = None) -> list[Generation]:
         """Greedy answers to each query about one video, reusing one ``[system][video]`` prefix.
 
-        ``on_progress(done, total)`` after each query.
+        With the static-KV decoder every query decodes in the same steps (and with the questions of
+        other callers in flight); otherwise one after another, ``on_progress(done, total)`` after each.
+        ``cancel`` set: the remaining work stops (raises ``scheduler.Cancelled``).
         """
+        if self._scheduler is not None:
+            return self._generate_batched(tokens, queries, max_new_tokens, prefix, cancel)
         out: list[Generation] = []
         with self._lock, device_errors(), torch.inference_mode():
             built_ms = 0.0
@@ -304,12 +346,19 @@ class Engine:
                 log.warning("prompt needs %d positions > max_position_embeddings %d: raising it", needed, limit)
                 cfg.max_position_embeddings = needed
 
-    def _language_model(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """One forward of the decoder on [1, n, hidden] with ids [3, n]; returns last-token logits (fp32)."""
+    def presence_score(self, generation: Generation) -> float:
+        """The calibrated probability that the asked event is in the looked-at video (QueryResult.score)."""
+        return platt(generation.raw_presence, self.calibration)
+
+    def _language_model(self, embeds: torch.Tensor, positions: torch.Tensor, cache, *,
+                        last: int = 1) -> torch.Tensor:
+        """One forward of the decoder on [1, n, hidden] with ids [3, n]; logits (fp32) of the last
+        ``last`` tokens, [vocab] when ``last`` is 1, else [last, vocab]."""
         out = self.model.model.language_model(
             inputs_embeds=embeds, position_ids=positions[:, None, :].to(self.device), use_cache=True,
             **{self._cache_kwarg: cache})
-        return self.model.lm_head(out.last_hidden_state[:, -1]).float()[0]
+        logits = self.model.lm_head(out.last_hidden_state[0, -last:]).float()
+        return logits[0] if last == 1 else logits
 
     def _prefill(self, tokens: VisualTokens) -> Prefix:
         t0 = time.perf_counter()
@@ -343,13 +392,40 @@ class Engine:
         return sdpa_kernel([names[self.options.prefill_attention], SDPBackend.FLASH_ATTENTION,
                             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
+    def _generate_batched(self, tokens: VisualTokens, queries: Sequence[str], max_new_tokens: int,
+                          prefix: Prefix | None, cancel: threading.Event | None) -> list[Generation]:
+        with device_errors():
+            built_ms = 0.0
+            if prefix is None:
+                prefix = self.prefill(tokens)
+                built_ms = prefix.prefill_ms
+            elif prefix.key != self._key(tokens):
+                raise Internal("prefix was built from other visual tokens")
+            q_ids = [self.tokenizer(prompt.question_suffix_text(q), add_special_tokens=False).input_ids for q in queries]
+            self._ensure_positions(prefix.next_position + max(map(len, q_ids)) + len(self.absent_ids) + max_new_tokens)
+            rows = self._scheduler.generate(prefix, q_ids, self.absent_ids, max_new_tokens,
+                                            cancel.is_set if cancel is not None else None)
+        out = []
+        for i, row in enumerate(rows):
+            text, pieces = self._detokenize(row.tokens, row.probs)
+            generate_ms = (time.perf_counter() - row.started_s) * 1e3
+            out.append(Generation(text=text, pieces=pieces, absent_logprob=row.absent_logprob,
+                                  stage_ms={"prefill": row.prefill_ms + (built_ms if i == 0 else 0.0),
+                                            "generate": generate_ms}))
+        return out
+
     def _generate_one(self, prefix: Prefix, query: str, max_new_tokens: int) -> Generation:
-        """The one greedy loop; the decoder (eager or static-KV) supplies each next token."""
+        """The eager greedy loop (transformers' forward on a copy of the prefix's cache)."""
         t0 = time.perf_counter()
         q_ids = self.tokenizer(prompt.question_suffix_text(query), add_special_tokens=False).input_ids
         self._ensure_positions(prefix.next_position + len(q_ids) + max_new_tokens)
-        decoder = _StaticDecoder(self, prefix) if self._fast is not None else _EagerDecoder(self, prefix)
-        token, prob = decoder.start(q_ids, max_new_tokens)
+        decoder = _EagerDecoder(self, prefix)
+        # The question and the "not in the video" answer in one forward: the logits at the question's
+        # last token pick the first answer token, the rest score the absence sentence (teacher forcing).
+        logits = decoder.start(q_ids, self.absent_ids, max_new_tokens + len(self.absent_ids))
+        token, prob = _greedy(logits[0])
+        absent_logprob = float(torch.log_softmax(logits, dim=-1).gather(
+            1, torch.tensor(self.absent_ids, device=logits.device)[:, None]).sum())
         t1 = time.perf_counter()
         generated: list[int] = []
         probs: list[float] = []
@@ -361,7 +437,8 @@ class Engine:
             token, prob = decoder.step(token)
         t2 = time.perf_counter()
         text, pieces = self._detokenize(generated, probs)
-        return Generation(text=text, pieces=pieces, stage_ms={"prefill": (t1 - t0) * 1e3, "generate": (t2 - t1) * 1e3})
+        return Generation(text=text, pieces=pieces, stage_ms={"prefill": (t1 - t0) * 1e3, "generate": (t2 - t1) * 1e3},
+                          absent_logprob=absent_logprob)
 
     def _detokenize(self, ids: list[int], probs: list[float]) -> tuple[str, TokenProbs | None]:
         """Text and its per-token pieces (for confidences); pieces None if they do not add up."""
@@ -390,14 +467,20 @@ class _EagerDecoder:
         self.cache = None
         self.pos = prefix.next_position
 
-    def start(self, q_ids: list[int], max_new_tokens: int) -> tuple[int, float]:
+    def start(self, q_ids: list[int], scored: list[int], reserve: int) -> torch.Tensor:
+        """Run the question then ``scored[:-1]`` (teacher-forced); logits [len(scored), vocab] from the
+        question's last token on. Generation continues right after the question."""
         e = self.engine
         e.model.model.rope_deltas = None
         self.cache = copy.deepcopy(self.prefix.cache)
-        positions = torch.arange(self.pos, self.pos + len(q_ids)).expand(3, -1)
-        logits = e._language_model(self.embed(torch.tensor([q_ids], device=e.device)), positions, self.cache)
+        ids = q_ids + scored[:-1]
+        positions = torch.arange(self.pos, self.pos + len(ids)).expand(3, -1)
+        logits = e._language_model(self.embed(torch.tensor([ids], device=e.device)), positions, self.cache,
+                                   last=len(scored))
+        if len(scored) > 1:  # drop the teacher-forced tokens; a negative count works on every transformers
+            self.cache.crop(-(len(scored) - 1))
         self.pos += len(q_ids)
-        return _greedy(logits)
+        return logits.reshape(len(scored), -1)
 
     def step(self, token: int) -> tuple[int, float]:
         e = self.engine
@@ -405,31 +488,6 @@ class _EagerDecoder:
                                    torch.full((3, 1), self.pos), self.cache)
         self.pos += 1
         return _greedy(logits)
-
-
-class _StaticDecoder:
-    """The static-KV decoder (:class:`.kernels.decode_graphs.FastDecoder`): no copy of a hot prefix."""
-
-    def __init__(self, engine: Engine, prefix: Prefix) -> None:
-        self.engine = engine
-        self.prefix = prefix
-        self.fd = engine._fast
-        self.rope = self.index = 0
-
-    def start(self, q_ids: list[int], max_new_tokens: int) -> tuple[int, float]:
-        e, p, fd = self.engine, self.prefix, self.fd
-        fd.reserve(p.length + len(q_ids) + max_new_tokens)
-        fd.load_prefix(p.cache, p.length, (id(p.cache), p.length, p.key))
-        embed = e.model.get_input_embeddings()
-        logits = fd.prefill(embed(torch.tensor(q_ids, device=e.device)), p.next_position, p.length)
-        self.rope, self.index = p.next_position + len(q_ids), p.length + len(q_ids)
-        return _greedy(logits)
-
-    def step(self, token: int) -> tuple[int, float]:
-        out = self.fd.step(token, self.rope, self.index)
-        self.rope += 1
-        self.index += 1
-        return out
 
 
 __all__ = ["Engine", "EngineOptions", "Generation", "Prefix", "VisualTokens"]

@@ -8,8 +8,13 @@ from __future__ import annotations
 SYSTEM_PROMPT = "You are a helpful assistant."
 """The default system prompt of the Qwen2.5-VL chat template (what the model was tuned with)."""
 
-GROUNDING_QUESTION = "Give the query: '{query}', when does the described content occur in the video?"
-"""Wording of the official Qwen2.5-VL cookbook (video_understanding, temporal grounding)."""
+GROUNDING_QUESTION = ("Give the query: '{query}', when does the described content occur in the video? "
+                      "If it does not occur in the video, answer: {absent}")
+"""The official Qwen2.5-VL cookbook wording (video_understanding, temporal grounding), plus the one
+sentence the model answers with when the event is not there, so "not in this video" is an answer."""
+
+ABSENT_ANSWER = "The given query does not occur in the video."
+"""The answer that means "not found". Its probability under the model gives each answer's score."""
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -24,7 +29,7 @@ def sanitize_query(query: str) -> str:
 
 
 def grounding_question(query: str) -> str:
-    return GROUNDING_QUESTION.format(query=sanitize_query(query))
+    return GROUNDING_QUESTION.format(query=sanitize_query(query), absent=ABSENT_ANSWER)
 
 
 def grounding_messages(query: str) -> list[dict]:

@@ -53,6 +53,29 @@ def _shared(parts: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
     return joined
 
 
+class _Int4Layer:
+    """One decoder layer whose linears are :class:`~moments.workers.model.quant.Int4Linear`: its weights
+    are dequantized for the prefill call (AWQ tensors fetched from the pinned host copy on a side
+    stream while the previous layer computes), concatenated as the plain path keeps them."""
+
+    def __init__(self, layer) -> None:
+        a, m = layer.self_attn, layer.mlp
+        self.qkv = (a.q_proj, a.k_proj, a.v_proj)
+        self.gate_up = (m.gate_proj, m.up_proj)
+        self.o, self.down = a.o_proj, m.down_proj
+        self.qkv_b = torch.cat([p.bias for p in self.qkv]) if self.qkv[0].bias is not None else None
+
+    def linears(self):
+        return (*self.qkv, self.o, *self.gate_up, self.down)
+
+    def fetch(self, device) -> list:
+        return [lin.fetch(device) for lin in self.linears()]
+
+    def weights(self, fetched: list, dtype) -> tuple:
+        w = [lin.dequantized(dtype, awq=awq) for lin, awq in zip(self.linears(), fetched)]
+        return torch.cat(w[0:3]), self.qkv_b, w[3], torch.cat(w[4:6]), w[6]
+
+
 class FusedPrefill:
     """Prefix prefill of the language model (KV cache only) with the elementwise work fused.
 
@@ -63,11 +86,15 @@ class FusedPrefill:
     prefill needs no logits, so the last layer stops after writing its K/V (its attention and MLP
     only feed the final hidden states).
 
-    q/k/v and gate/up weights are concatenated once; the model's own linears become views of them
-    (no extra memory; the stock forward and the decoder read the same values).
+    Plain linears: q/k/v and gate/up weights are concatenated once; the model's own linears become
+    views of them (no extra memory; the stock forward and the decoder read the same values). 4-bit
+    linears: each layer's weights are dequantized for the call (cuBLAS products at prefill sizes),
+    the next layer's 4-bit tensors copied in on a side stream meanwhile.
     """
 
     def __init__(self, model, *, compile: bool) -> None:
+        from moments.workers.model.quant import Int4Linear
+
         lm = model.model.language_model
         cfg = lm.config
         self.lm = lm
@@ -77,13 +104,18 @@ class FusedPrefill:
         self.layers = []
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
+            if isinstance(a.q_proj, Int4Linear):
+                self.layers.append((layer, _Int4Layer(layer), float(a.scaling)))
+                continue
             qkv_w = _shared([a.q_proj, a.k_proj, a.v_proj], "weight")
             qkv_b = _shared([a.q_proj, a.k_proj, a.v_proj], "bias")
             gate_up = _shared([m.gate_proj, m.up_proj], "weight")
-            self.layers.append((layer, qkv_w, qkv_b, gate_up, float(a.scaling)))
+            self.layers.append((layer, (qkv_w, qkv_b, a.o_proj.weight, gate_up, m.down_proj.weight), float(a.scaling)))
 
     @staticmethod
     def supported(model) -> bool:
+        from moments.workers.model.quant import Int4Linear
+
         lm = model.model.language_model
         cfg = lm.config
         if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "hidden_act", "silu") != "silu":
@@ -91,7 +123,8 @@ class FusedPrefill:
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
             linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-            if not all(type(x) is torch.nn.Linear for x in linears):  # quantized linears: not fused
+            kinds = {type(x) for x in linears}
+            if kinds not in ({torch.nn.Linear}, {Int4Linear}):  # other quantized linears: not fused
                 return False
             if a.q_proj.bias is None or m.gate_proj.bias is not None or a.o_proj.bias is not None:
                 return False
@@ -108,7 +141,16 @@ class FusedPrefill:
         cos, sin = self.lm.rotary_emb(hidden, position_ids)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
         last = len(self.layers) - 1
-        for i, (layer, qkv_w, qkv_b, gate_up, scale) in enumerate(self.layers):
+        side = torch.cuda.Stream() if hidden.is_cuda else None
+        prefetched = self._fetch(0, hidden.device, side)
+        for i, (layer, weights, scale) in enumerate(self.layers):
+            if isinstance(weights, _Int4Layer):
+                if side is not None:
+                    torch.cuda.current_stream().wait_stream(side)
+                fetched, prefetched = prefetched, self._fetch(i + 1, hidden.device, side)
+                qkv_w, qkv_b, o_w, gate_up, down_w = weights.weights(fetched, hidden.dtype)
+            else:
+                qkv_w, qkv_b, o_w, gate_up, down_w = weights
             ln1 = layer.input_layernorm
             q, k, v = self._call("lm_pre", lm_pre_attention, hidden, ln1.weight, ln1.variance_epsilon, qkv_w, qkv_b,
                                  cos, sin, self.heads, self.kv_heads, dynamic={0: 1, 5: 1, 6: 1})
@@ -117,9 +159,17 @@ class FusedPrefill:
                 break
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
             ln2 = layer.post_attention_layernorm
-            hidden = self._call("lm_post", lm_post_attention, hidden, attn, layer.self_attn.o_proj.weight,
-                                ln2.weight, ln2.variance_epsilon, gate_up, layer.mlp.down_proj.weight,
-                                dynamic={0: 1, 1: 2})
+            hidden = self._call("lm_post", lm_post_attention, hidden, attn, o_w,
+                                ln2.weight, ln2.variance_epsilon, gate_up, down_w, dynamic={0: 1, 1: 2})
+
+    def _fetch(self, i: int, device, side):
+        """Start copying layer ``i``'s 4-bit tensors to ``device`` (on ``side`` when there is one)."""
+        if i >= len(self.layers) or not isinstance(self.layers[i][1], _Int4Layer):
+            return None
+        if side is None:
+            return self.layers[i][1].fetch(device)
+        with torch.cuda.stream(side):
+            return self.layers[i][1].fetch(device)
 
 
 __all__ = ["FusedPrefill"]

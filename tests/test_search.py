@@ -1,0 +1,83 @@
+"""The search's windows (pure): when one pass is enough, how long videos are tiled, the bounds, zoom."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from moments.core.records import SearchRequest, VideoInfo
+from moments.media.sampling import SamplingOptions
+from moments.workers.search import Window, coarse_windows, merge_segments, zoom_window
+
+GROUNDER = SamplingOptions(max_frames=64, budget_tokens=512, min_pixels=56 * 56, max_pixels=2 * 56 * 56)
+"""The tiny grounder's bounds (moments_sampling.json)."""
+AUTO = SearchRequest(mode="auto", min_event_s=2.0, max_rounds=2, max_passes=64, max_visual_tokens=4_000_000)
+
+
+def video(duration_s: float, fps: float = 25.0) -> VideoInfo:
+    return VideoInfo("a" * 64, 1, duration_s, fps, 224, 168, "h264", "mov")
+
+
+def covered(windows: list[Window], t: float) -> bool:
+    return any(w.plan.frame_times_s[0] <= t <= w.plan.frame_times_s[-1] + 1 / w.plan.fps for w in windows)
+
+
+@pytest.mark.parametrize("duration_s", [20.5, 64.0, 127.0])
+def test_one_pass_when_it_already_sees_every_two_seconds(duration_s):
+    [w] = coarse_windows(video(duration_s), GROUNDER, AUTO)
+    assert w.step_s <= 2.0 and w.plan.frame_times_s[0] == 0.0
+
+
+@pytest.mark.parametrize("duration_s", [600.0, 1433.5, 3600.0])
+def test_long_videos_are_tiled_at_the_event_rate_with_one_step_of_overlap(duration_s):
+    info = video(duration_s)
+    windows = coarse_windows(info, GROUNDER, AUTO)
+    assert len(windows) > 1
+    for w in windows:
+        assert w.step_s <= 2.0 + 1e-9 and w.plan.frames <= 64 and w.plan.visual_tokens <= 512
+        assert all(w.options.start_s - 1e-9 <= t < duration_s for t in w.plan.frame_times_s)
+    for a, b in zip(windows, windows[1:]):
+        assert b.options.start_s == pytest.approx(a.options.end_s - a.step_s)  # one frame step shared
+    # Every moment of the video is within some window, so a 2 s event has a sampled frame.
+    assert all(covered(windows, t) for t in range(0, int(duration_s), 1))
+    assert len(windows) == math.ceil((duration_s - 2.0) / (128.0 - 2.0))
+
+
+def test_bounds_on_passes_and_tokens_make_fewer_coarser_windows():
+    info = video(3600.0)
+    few = coarse_windows(info, GROUNDER, SearchRequest("auto", 2.0, 2, 8, 4_000_000))
+    assert len(few) <= 8 and few[0].step_s > 2.0
+    assert all(covered(few, t) for t in range(0, 3600, 5))
+    cheap = coarse_windows(info, GROUNDER, SearchRequest("auto", 2.0, 2, 64, 2000))
+    assert sum(w.plan.visual_tokens for w in cheap) <= 2000
+
+
+def test_search_off_is_one_pass():
+    [w] = coarse_windows(video(3600.0), GROUNDER, SearchRequest("off", 2.0, 2, 64, 4_000_000))
+    assert w.plan.frames == 64 and w.step_s > 50
+
+
+def test_a_small_budget_shrinks_windows_to_keep_the_rate():
+    # A 7B-like frame size: the budget holds fewer frames than the cap at 2 s steps.
+    options = SamplingOptions(max_frames=768, budget_tokens=24576)
+    info = VideoInfo("b" * 64, 1, 3600.0, 30.0, 1280, 720, "h264", "mov")
+    windows = coarse_windows(info, options, AUTO)
+    assert all(w.step_s <= 2.0 + 1e-9 and w.plan.visual_tokens <= 24576 for w in windows)
+    assert all(covered(windows, t) for t in range(0, 3600, 2))
+
+
+def test_zoom_windows_look_densely_around_short_candidates_only():
+    info = video(3600.0)
+    z = zoom_window(info, GROUNDER, (1000.0, 1003.0), coarse_step_s=2.0)
+    assert z is not None and z.round == 2 and z.step_s == 0.5
+    assert z.plan.frame_times_s[0] == 996.0 and z.plan.frame_times_s[-1] < 1007.0
+    assert zoom_window(info, GROUNDER, (1000.0, 1100.0), coarse_step_s=2.0) is None  # no denser look fits
+    edge = zoom_window(info, GROUNDER, (0.0, 2.0), coarse_step_s=2.0)
+    assert edge is not None and edge.plan.frame_times_s[0] == 0.0
+
+
+def test_merging_joins_overlapping_and_touching_segments_keeping_the_best_confidence():
+    merged = merge_segments([(10.0, 14.0, 0.6), (13.0, 20.0, 0.9), (21.5, 25.0, 0.7), (40.0, 41.0, 0.8)], 2.0)
+    assert merged == [(10.0, 25.0, 0.9), (40.0, 41.0, 0.8)]
+    assert merge_segments([(0.0, 1.0, 0.5), (1.5, 2.0, 0.4)], 0.0) == [(0.0, 1.0, 0.5), (1.5, 2.0, 0.4)]
