@@ -75,7 +75,7 @@ async def measure(args) -> dict:
         cache = TokenCache(client, ttl_s=3600, chunk_bytes=8 << 20)
         kv = KVPrefixCache(8 << 30)
         blobs = LocalBlobStore(workdir / "blobs", workdir / "uploads")
-        blobs.commit(video, video_id)
+        blobs.commit_file(video, video_id)
         pipeline = Pipeline(settings, engine, cache, kv, blobs, owner="bench")
         job = Job(kind="localize", video_id=video_id, queries=("the red circle appears",),
                   sampling=SamplingRequest())

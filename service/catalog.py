@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from moments.core import errors, keys, token_index
 from moments.core.blobs import SHA256_RE, BlobStore
@@ -35,11 +36,15 @@ class VideoCatalog:
         """Hold the video's lock. An upload places the blob and adds its owner under it, and the
         last owner's delete removes record and blob under it, so a delete can never take the blob
         from under another tenant's upload of the same bytes that was just told it is stored."""
-        async with RedisLock(self.redis, keys.video_lock(video_id), VIDEO_LOCK_TTL_S).held(
-                wait_s=VIDEO_LOCK_WAIT_S) as taken:
+        lock = RedisLock(self.redis, keys.video_lock(video_id), VIDEO_LOCK_TTL_S)
+        async with lock.held(wait_s=VIDEO_LOCK_WAIT_S) as taken:
             if not taken:
                 raise errors.Unavailable(f"video {video_id} is being stored or deleted; retry")
-            yield
+            keeper = asyncio.create_task(_keep(lock))  # a large copy inside an object store takes a while
+            try:
+                yield
+            finally:
+                keeper.cancel()
 
     async def add(self, tenant: str, info: VideoInfo) -> VideoInfo:
         now = time.time()
@@ -99,3 +104,12 @@ class VideoCatalog:
                 await pipe.execute()
             await asyncio.to_thread(self.blobs.delete, video_id)
         return await token_index.drop_video(self.redis, video_id)
+
+
+async def _keep(lock: RedisLock) -> None:
+    while True:
+        await asyncio.sleep(lock.ttl_s / 3)
+        try:
+            await lock.refresh()
+        except RedisError:
+            log.warning("could not extend lock %s", lock.name)

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from moments.core.blobs import open_blob_store
+from moments.core.blob_backends import open_blob_store
 from moments.core.config import Settings
 from moments.core.redis_client import connect
 from moments.service.auth import Authenticator, parse_api_keys

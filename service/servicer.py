@@ -10,6 +10,7 @@ from moments.core.config import Settings
 from moments.core.records import (
     KIND_INDEX,
     KIND_LOCALIZE,
+    IngestRequest,
     Job,
     JobStats,
     UploadChunk,
@@ -46,6 +47,12 @@ class MomentsServicer(pb_grpc.MomentsServicer):
                 yield UploadChunk.from_pb(message.chunk)
 
         outcome = await self.uploads.receive(current_tenant.get(), UploadHeader.from_pb(first.header), chunks())
+        return pb.UploadVideoResponse(
+            video=outcome.video.to_pb(), deduplicated=outcome.deduplicated, upload_id=outcome.upload_id
+        )
+
+    async def IngestVideo(self, request, context) -> pb.UploadVideoResponse:
+        outcome = await self.uploads.ingest(current_tenant.get(), IngestRequest.from_pb(request))
         return pb.UploadVideoResponse(
             video=outcome.video.to_pb(), deduplicated=outcome.deduplicated, upload_id=outcome.upload_id
         )

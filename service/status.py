@@ -36,7 +36,10 @@ def to_status(exc: BaseException) -> grpc.Status:
         code = code_pb2.NOT_FOUND
     elif isinstance(exc, errors.FailedPrecondition):
         code = code_pb2.FAILED_PRECONDITION
-        if exc.committed_bytes is not None or exc.upload_id:
+        if exc.reason:
+            details.append(_any(error_details_pb2.ErrorInfo(reason=exc.reason, domain="moments.v1",
+                                                            metadata=exc.metadata)))
+        elif exc.committed_bytes is not None or exc.upload_id:
             # WRONG_OFFSET: resume at committed_bytes. UPLOAD_BUSY: another stream holds the
             # upload (e.g. the server is still closing a cut one); retry after a short wait.
             metadata = {"upload_id": exc.upload_id}

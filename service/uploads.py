@@ -1,4 +1,4 @@
-"""Resumable, verified uploads into the blob store."""
+"""Resumable, verified uploads into the blob store, and ingest from a source URI."""
 
 from __future__ import annotations
 
@@ -7,22 +7,23 @@ import contextlib
 import errno
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from moments.core import errors, keys
-from moments.core.blobs import SHA256_RE, BlobStore
+from moments.core.blobs import SHA256_RE, BlobStore, Staging, check_upload_id
 from moments.core.config import Settings
 from moments.core.locks import RedisLock
-from moments.core.records import UploadChunk, UploadHeader, VideoInfo
-from moments.media.probe import probe_file_async
+from moments.core.records import IngestRequest, UploadChunk, UploadHeader, VideoInfo
+from moments.media.probe import SNIFF_BYTES, probe_file_async, sniff_format
 from moments.service import metrics
 from moments.service.catalog import VideoCatalog
+from moments.service.ingest import Source, open_source, unavailable
 
 log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 1024 * 1024
@@ -94,35 +95,35 @@ class Uploads:
                 await self._refresh_expiry(state)
 
     async def _receive(self, state: UploadState, chunks: AsyncIterator[UploadChunk], lock: RedisLock) -> UploadOutcome:
-        part = self.blobs.part_path(state.upload_id)
-        hasher = hashlib.sha256()
+        staging = None
         try:
-            committed = await asyncio.to_thread(_rehash, part, hasher)
-            with open(part, "ab") as f:
-                async for chunk in chunks:
-                    committed = await self._write(state, f, hasher, committed, chunk)
-                    await self._keep_hold(state, lock, committed)
-            if committed < state.size_bytes:
+            staging = await asyncio.to_thread(self.blobs.open_staging, state.upload_id)
+            received = staging.durable_bytes
+            async for chunk in chunks:
+                received = await self._write(state, staging, received, chunk)
+                await self._keep_hold(state, lock, staging)
+            if received < state.size_bytes:
+                committed = await asyncio.to_thread(staging.settle)
                 raise errors.FailedPrecondition(
                     f"upload incomplete: {committed} of {state.size_bytes} bytes committed",
                     committed_bytes=committed,
                     upload_id=state.upload_id,
                 )
-            return await self._finish(state, part, hasher.hexdigest())
+            return await self._finish(state, staging)
         except OSError as exc:
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise
             # Nothing half-written stays behind: the client starts over once there is room.
-            await self._discard(state)
+            await self._discard(state, staging)
             log.warning("upload %s dropped: %s", state.upload_id, exc.strerror)
             raise errors.ResourceExhausted("server disk is full", retry_after_s=60.0) from exc
+        finally:
+            if staging is not None:
+                await asyncio.to_thread(staging.close)
 
     async def status(self, tenant: str, upload_id: str) -> tuple[UploadState, int]:
         state = await self._load(tenant, upload_id)
-        try:
-            return state, self.blobs.part_path(upload_id).stat().st_size
-        except FileNotFoundError:
-            return state, 0
+        return state, await asyncio.to_thread(self.blobs.staged_bytes, upload_id)
 
     async def expire_abandoned(self) -> int:
         """Remove partial uploads whose expiry passed; returns how many went.
@@ -143,7 +144,7 @@ class Uploads:
                 if expire_s is None or expire_s > now:  # finished or resumed meanwhile
                     continue
                 try:
-                    self.blobs.part_path(upload_id).unlink(missing_ok=True)
+                    await asyncio.to_thread(self.blobs.discard_staging, upload_id)
                 except ValueError:  # not an upload id: drop the stray entry
                     pass
                 await self.redis.delete(keys.upload(upload_id))
@@ -159,13 +160,13 @@ class Uploads:
         async with lock.held() as taken:
             yield lock if taken else None
 
-    async def _keep_hold(self, state: UploadState, lock: RedisLock, committed: int) -> None:
+    async def _keep_hold(self, state: UploadState, lock: RedisLock, staging: Staging) -> None:
         # A lapsed hold nobody took is taken back, while the upload still exists (the janitor may
         # have removed it meanwhile).
         if not await lock.refresh(retake_while=keys.upload(state.upload_id)):  # the stream stalled past the lock and the upload expired or was taken over
             raise errors.FailedPrecondition(
                 "the upload expired or another stream took it over while this one was idle",
-                committed_bytes=committed, upload_id=state.upload_id,
+                committed_bytes=await asyncio.to_thread(staging.settle), upload_id=state.upload_id,
             )
 
     async def _refresh_expiry(self, state: UploadState) -> None:
@@ -224,8 +225,9 @@ class Uploads:
         await self._save(state)
         return state
 
-    async def _write(self, state, f, hasher, committed: int, chunk: UploadChunk) -> int:
-        if chunk.offset != committed:
+    async def _write(self, state: UploadState, staging: Staging, received: int, chunk: UploadChunk) -> int:
+        if chunk.offset != received:
+            committed = await asyncio.to_thread(staging.settle)
             raise errors.FailedPrecondition(
                 f"chunk offset {chunk.offset} != committed offset {committed}",
                 committed_bytes=committed,
@@ -235,25 +237,30 @@ class Uploads:
             raise errors.InvalidArgument(
                 f"chunk of {len(chunk.data)} bytes exceeds {MAX_CHUNK_BYTES}", field="chunk.data"
             )
-        if committed + len(chunk.data) > state.size_bytes:
+        if received + len(chunk.data) > state.size_bytes:
             raise errors.InvalidArgument(
                 f"data beyond the declared size of {state.size_bytes} bytes", field="chunk.data"
             )
-        await asyncio.to_thread(_append, f, chunk.data)
-        hasher.update(chunk.data)
+        await asyncio.to_thread(staging.append, chunk.data)
         metrics.UPLOAD_BYTES.inc(len(chunk.data))
-        return committed + len(chunk.data)
+        return received + len(chunk.data)
 
-    async def _finish(self, state: UploadState, part: Path, digest: str) -> UploadOutcome:
+    async def _finish(self, state: UploadState, staging: Staging) -> UploadOutcome:
+        digest = await asyncio.to_thread(staging.finish)
         if digest != state.sha256:
-            await self._discard(state)
+            await self._discard(state, staging)
             raise errors.InvalidArgument(
                 f"sha256 of the received bytes is {digest}, not {state.sha256}",
                 field="header.sha256",
             )
+        return await self._probe_and_commit(state, staging)
+
+    async def _probe_and_commit(self, state: UploadState, staging: Staging) -> UploadOutcome:
+        """Probe the verified bytes (discarding them if they are no video), then store them."""
+        started = time.monotonic()
         try:
             info = await probe_file_async(
-                part,
+                await asyncio.to_thread(staging.probe_target),
                 video_id=state.sha256,
                 size_bytes=state.size_bytes,
                 filename=state.filename,
@@ -263,25 +270,107 @@ class Uploads:
                 max_pixels=self.settings.max_pixels_per_frame,
             )
         except errors.InvalidVideo:
-            await self._discard(state)
+            await self._discard(state, staging)
             raise
-        await asyncio.to_thread(self.blobs.sync, part)
+        probed = time.monotonic()
         async with self.catalog.exclusive(state.sha256):
-            await asyncio.to_thread(self.blobs.commit, part, state.sha256)
+            await asyncio.to_thread(self.blobs.commit, staging, state.sha256)
             video = await self.catalog.add(state.tenant, info)
         await self.redis.delete(keys.upload(state.upload_id))
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
-        log.info("upload %s stored video %s (%d bytes)", state.upload_id, state.sha256, state.size_bytes)
+        log.info("upload %s stored video %s (%d bytes; probe %.2f s, commit %.2f s)", state.upload_id, state.sha256,
+                 state.size_bytes, probed - started, time.monotonic() - probed)
         return UploadOutcome(video, False, state.upload_id)
 
-    async def _discard(self, state: UploadState) -> None:
-        self.blobs.part_path(state.upload_id).unlink(missing_ok=True)
+    async def ingest(self, tenant: str, request: IngestRequest) -> UploadOutcome:
+        """Fetch a video from a source URI (``moments.service.ingest`` has the rules), verify,
+        sniff, probe and store it like an upload. Nothing stays behind when it fails."""
+        if request.sha256:
+            if not SHA256_RE.match(request.sha256):
+                raise errors.InvalidArgument("sha256 must be 64 lower-case hex characters", field="sha256")
+            existing = await self.catalog.get_owned(tenant, request.sha256, missing_ok=True)
+            if existing is not None and await asyncio.to_thread(self.blobs.exists, request.sha256):
+                return UploadOutcome(existing, True, "")
+        if request.size_bytes > self.settings.max_upload_bytes:
+            raise errors.InvalidArgument(f"size_bytes {request.size_bytes} exceeds the limit of "
+                                         f"{self.settings.max_upload_bytes}", field="size_bytes")
+        deadline = time.monotonic() + self.settings.ingest_timeout_s
+        source = await asyncio.to_thread(open_source, request.source_uri, self.settings)
+        # Registered like an upload, so the janitor removes what a front end that dies leaves.
+        state = UploadState(upload_id=secrets.token_hex(16), tenant=tenant, size_bytes=source.size_bytes or 0,
+                            sha256="", filename=(request.filename or source.filename)[:255], content_type="",
+                            expire_s=time.time() + self.settings.upload_ttl_s)
+        staging: Staging | None = None
+        try:
+            await self._save(state)
+            async with self._hold(state.upload_id) as lock:
+                staging = await asyncio.to_thread(self.blobs.open_staging, state.upload_id)
+                received = await self._copy_in(request, source, staging, lock, deadline)
+                digest = await asyncio.to_thread(staging.finish)
+                if request.sha256 and digest != request.sha256:
+                    raise errors.InvalidArgument(f"the source's sha256 is {digest}, not {request.sha256}",
+                                                 field="sha256")
+                state.sha256, state.size_bytes = digest, received
+                existing = await self.catalog.get_owned(tenant, digest, missing_ok=True)
+                if existing is not None and await asyncio.to_thread(self.blobs.exists, digest):
+                    await self._discard(state, staging)
+                    return UploadOutcome(existing, True, "")
+                return await self._probe_and_commit(state, staging)
+        except BaseException:
+            try:
+                await asyncio.shield(self._discard(state, staging))
+            except Exception:  # noqa: BLE001 - the store or Redis is down: the janitor removes it later
+                log.warning("ingest %s: could not discard what was staged", state.upload_id, exc_info=True)
+            raise
+        finally:
+            if staging is not None:
+                await asyncio.to_thread(staging.close)
+            await asyncio.to_thread(source.close)
+
+    async def _copy_in(self, request: IngestRequest, source: Source, staging: Staging, lock: RedisLock,
+                       deadline: float) -> int:
+        """Stream the source into the staging: size-capped, sniffed at the start, within the deadline."""
+        limit = self.settings.max_upload_bytes
+        received, head, refreshed = 0, b"", time.monotonic()
+        reading = _read_next(source)
+        try:
+            while (block := await reading) is not None:
+                reading = _read_next(source)  # the next block arrives while this one is hashed and stored
+                received += len(block)
+                if received > limit:
+                    raise errors.InvalidArgument(f"the source is larger than the limit of {limit} bytes",
+                                                 field="source_uri")
+                if len(head) < SNIFF_BYTES:
+                    head += block[:SNIFF_BYTES - len(head)]
+                    if len(head) >= SNIFF_BYTES:
+                        sniff_format(head)  # refuse a web page or a playlist before fetching the rest
+                await asyncio.to_thread(staging.append, block)
+                if time.monotonic() > deadline:
+                    raise unavailable(request.source_uri, f"took longer than {self.settings.ingest_timeout_s:g} s")
+                if time.monotonic() - refreshed > LOCK_TTL_S / 4:
+                    await lock.refresh()
+                    refreshed = time.monotonic()
+        finally:
+            if not reading.done():  # closing the source ends the read; nobody waits for it
+                reading.add_done_callback(lambda f: f.cancelled() or f.exception())
+        sniff_format(head)
+        declared = request.size_bytes or source.size_bytes
+        if declared and received != declared:
+            raise unavailable(request.source_uri, f"got {received} bytes, expected {declared}")
+        metrics.UPLOAD_BYTES.inc(received)
+        return received
+
+    async def _discard(self, state: UploadState, staging: Staging | None) -> None:
+        if staging is not None:
+            await asyncio.to_thread(staging.discard)
+        else:
+            await asyncio.to_thread(self.blobs.discard_staging, state.upload_id)
         await self.redis.delete(keys.upload(state.upload_id))
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
 
     async def _load(self, tenant: str, upload_id: str) -> UploadState:
         try:
-            self.blobs.part_path(upload_id)
+            check_upload_id(upload_id)
         except ValueError:
             raise errors.InvalidArgument("malformed upload_id", field="upload_id") from None
         raw = await self.redis.hgetall(keys.upload(upload_id))
@@ -299,19 +388,6 @@ class Uploads:
             await pipe.execute()
 
 
-def _append(f, data: bytes) -> None:
-    f.write(data)
-    f.flush()
-
-
-def _rehash(part: Path, hasher) -> int:
-    """Feed an existing partial file into ``hasher`` (on resume); returns its size."""
-    if not part.exists():
-        part.touch()
-        return 0
-    size = 0
-    with open(part, "rb") as f:
-        while block := f.read(4 * 1024 * 1024):
-            hasher.update(block)
-            size += len(block)
-    return size
+def _read_next(source: Source) -> asyncio.Future:
+    """The source's next block (None at the end), read in a thread."""
+    return asyncio.ensure_future(asyncio.to_thread(next, source.chunks, None))

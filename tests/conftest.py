@@ -15,6 +15,8 @@ import pytest
 import redis
 from hypothesis import settings as hypothesis_settings
 
+from tests.s3_server import S3Server
+
 # Property tests draw the same examples on every run (a CI run is repeatable); set
 # HYPOTHESIS_PROFILE=explore to search with fresh random examples.
 hypothesis_settings.register_profile("repeatable", derandomize=True, database=None)
@@ -90,6 +92,14 @@ def redis_url(redis_server):
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2.5-VL checkpoint (plain weights) written by the project's own builder."""
     from moments.tools.tiny_model import build_tiny_model
@@ -118,13 +128,18 @@ def stack_factory(request, redis_server, tmp_path_factory):
 
     Settings are sized for 2 cores and the tiny model (``tests.stack.stack_settings``); keywords
     override them. ``model`` defaults to the tiny model, ``data_dir`` to a fresh folder, ``redis_url``
-    to the session's server; ``faults`` (a dict) switches fault injection on in the workers.
+    to the session's server; ``faults`` (a dict) switches fault injection on in the workers;
+    ``blob_backend="s3"`` puts the blobs in a fresh bucket of the session's S3 server.
     """
     from tests.stack import ThreadedStack, stack_settings
 
     def make(*, workers: int = 1, model=None, data_dir=None, redis_url=None, faults=None, **overrides):
         if faults is not None:
             overrides["faults"] = json.dumps(faults)
+        if overrides.get("blob_backend") == "s3" and not overrides.get("s3_bucket"):
+            # A fresh bucket on the session's S3 server (explicit s3_* overrides win).
+            server = request.getfixturevalue("s3_server")
+            overrides = {**server.settings(server.new_bucket()), **overrides}
         if model is None:  # a front end alone loads no model: do not build one for it
             model = request.getfixturevalue("tiny_model_dir") if workers else "unused"
         settings = stack_settings(redis_url or redis_server.url, data_dir or tmp_path_factory.mktemp("stack"),

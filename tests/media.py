@@ -133,10 +133,12 @@ def make_video(path: str | os.PathLike, *, seconds: float, fps: float, width: in
                height: int = 240, codec: str = "libx264", gop: int | None = None,
                start_time_s: float = 0.0, rotation: int = 0, vfr: bool = False,
                pattern: str = "index", container: str | None = None, preset: str = "ultrafast",
-               seed: int = 0) -> Path:
+               seed: int = 0, times_s: list[float] | None = None, bframes: int | None = None) -> Path:
     """Write a real video whose frame *i* shows *i* (see :func:`frame_times_s` for its times).
 
-    ``gop`` is the keyframe interval in frames (default 2 s). ``start_time_s`` shifts every
+    ``times_s`` gives every frame's time instead (``seconds``/``fps``/``vfr`` then only set the
+    nominal rate); ``bframes`` sets libx264's B-frames (reordered packets). ``gop`` is the keyframe
+    interval in frames (default 2 s). ``start_time_s`` shifts every
     timestamp (non-zero container start). ``rotation`` (0/90/180/270, clockwise) is stored as a
     display matrix. ``container`` is an FFmpeg muxer name; default from the file suffix.
     """
@@ -145,7 +147,7 @@ def make_video(path: str | os.PathLike, *, seconds: float, fps: float, width: in
     if rotation % 90:
         raise ValueError("rotation must be a multiple of 90")
     rotation %= 360
-    times = frame_times_s(seconds, fps, vfr=vfr, seed=seed)
+    times = times_s if times_s is not None else frame_times_s(seconds, fps, vfr=vfr, seed=seed)
     display_w, display_h = (height, width) if rotation in (90, 270) else (width, height)
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), mode="w", format=fmt) as out:
@@ -160,8 +162,10 @@ def make_video(path: str | os.PathLike, *, seconds: float, fps: float, width: in
         opts = {}
         if codec == "libx264":
             opts = {"preset": preset, "tune": "zerolatency" if pattern == "index" else "fastdecode"}
-            if vfr:
+            if vfr or times_s is not None:
                 opts["x264-params"] = "force-cfr=0"
+            if bframes is not None:
+                opts["bf"] = str(bframes)
         elif codec == "libx265":
             opts = {"preset": preset, "x265-params": "log-level=error"}
         elif codec == "libsvtav1":
@@ -270,4 +274,29 @@ def make_mjpeg_claiming(path: str | os.PathLike, width: int, height: int) -> Pat
         data[at + 5:at + 9] = h16 + w16
         at = data.find(sof, at + 1)
     path.write_bytes(bytes(data))
+    return path
+
+
+def make_large_video(path: str | os.PathLike, min_bytes: int, *, width: int = 320, height: int = 240,
+                     fps: int = 10, seed: int = 0) -> Path:
+    """A real H.264 MP4 of at least ``min_bytes``, written fast: lossless noise frames (~180 KB each
+    at 320x240), for uploads that span several S3 parts."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    frame_bytes = width * height * 3 // 2
+    frames = max(4, int(min_bytes / (frame_bytes * 1.5)) + 2)  # lossless noise: ~1.6 bytes per raw byte
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.options = {"preset": "ultrafast", "qp": "0"}
+        for i in range(frames):
+            planes = rng.integers(0, 256, size=(height * 3 // 2, width), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    if path.stat().st_size < min_bytes:
+        raise AssertionError(f"{path} came out {path.stat().st_size} bytes, under {min_bytes}")
     return path

@@ -65,3 +65,37 @@ class ThreadedStack:
     @property
     def settings(self) -> Settings:
         return self.stack.settings
+
+
+# ------------------------------------------------------------------- what the blob store holds
+
+
+def _s3(settings: Settings):
+    from moments.core.s3_blobs import s3_client
+
+    return s3_client(settings)
+
+
+def stored_blob_ids(stack) -> list[str]:
+    """Video ids the stack's blob store holds (local directory or bucket)."""
+    settings = stack.settings
+    if settings.blob_backend == "local":
+        return sorted(p.name for p in settings.blob_dir.rglob("*") if p.is_file())
+    listed = _s3(settings).list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"{settings.s3_prefix}blobs/")
+    return sorted(o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", ()))
+
+
+def staged_uploads(stack) -> dict[str, int]:
+    """Upload id -> bytes staged, for every unfinished upload the store holds anything of
+    (local part files; S3 multipart uploads in progress and staging objects)."""
+    settings = stack.settings
+    if settings.blob_backend == "local":
+        return {p.stem: p.stat().st_size for p in settings.upload_dir.glob("*.part")}
+    client, bucket, prefix = _s3(settings), settings.s3_bucket, f"{settings.s3_prefix}uploads/"
+    out: dict[str, int] = {}
+    for upload in client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", ()):
+        parts = client.list_parts(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]).get("Parts", ())
+        out[upload["Key"].rsplit("/", 1)[1]] = sum(p["Size"] for p in parts)
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", ()):
+        out[obj["Key"].rsplit("/", 1)[1]] = obj["Size"]
+    return out

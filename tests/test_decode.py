@@ -11,7 +11,7 @@ import moments.media.decode as decode_mod
 from moments.media.probe import probe_file
 from tests.media import frame_times_s, index_at, make_video, read_index
 from moments.media.decode import decode_all, decode_frames
-from moments.media.sampling import SamplingOptions, plan_sampling
+from moments.media.sampling import SamplingOptions, SamplingPlan, plan_sampling
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,3 +195,17 @@ def test_parallel_decode_falls_back_per_chunk_and_stops_early(videos, monkeypatc
     next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_a_frame_starting_exactly_at_a_planned_time_late_in_a_long_file_is_chosen(tmp_path, backend):
+    """NTSC frame 45000 starts at exactly 1501.5 s (45000 x 1001/30000); decord's float32 time for
+    it is 1501.50012, which chose frame 44999. The file holds the frames around it only."""
+    ks = [*range(5), *range(44_995, 45_006)]
+    path = make_video(tmp_path / "ntsc.mp4", seconds=1, fps=30000 / 1001, width=64, height=48, gop=4,
+                      times_s=[k * 1001 / 30000 for k in ks])
+    info = probe_file(path)
+    plan = SamplingPlan(fps=2.0, frame_times_s=(0.0, 1501.0, 1501.5, 1501.6), height=56, width=56,
+                        grid_t=2, grid_h=4, grid_w=4, visual_tokens=8, second_per_grid_ts=1.0)
+    frames = decode_all(path, plan, info, backend=backend)
+    assert [ks[read_index(f)] for f in frames] == [0, 4, 45_000, 45_002]

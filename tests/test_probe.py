@@ -14,6 +14,7 @@ import pytest
 from moments.core.errors import InvalidVideo
 from moments.media.probe import probe_file, probe_file_async, sniff_format
 from tests.media import (
+    frame_times_s,
     make_mjpeg_claiming,
     make_noise_bytes,
     make_video,
@@ -81,6 +82,25 @@ def test_variable_frame_rate_detected(tmp_path):
     assert info.variable_frame_rate
 
 
+def test_a_file_that_turns_variable_after_its_first_packets_reads_as_variable(tmp_path):
+    steady = [i / 25 for i in range(750)]  # 30 s at a constant 25 fps: far more than 100 packets
+    later = [30 + t for t in frame_times_s(10, 25, vfr=True, seed=1)]
+    info = probe_file(make_video(tmp_path / "later.mp4", seconds=40, fps=25, width=64, height=48,
+                                 times_s=steady + later))
+    assert info.variable_frame_rate
+    assert not probe_file(make_video(tmp_path / "steady.mp4", seconds=30, fps=25, width=64, height=48,
+                                     times_s=steady)).variable_frame_rate
+
+
+def test_reordered_b_frames_of_a_constant_rate_file_are_not_variable(tmp_path):
+    """Packets come in decode order: a window that ends before its last B-frames has gaps."""
+    path = make_video(tmp_path / "bframes.mp4", seconds=40, fps=25, width=64, height=48, bframes=3, preset="medium")
+    with av.open(str(path)) as container:
+        pts = [p.pts for p in container.demux(video=0) if p.pts is not None]
+    assert pts != sorted(pts), "no reordered packets in the file"
+    assert not probe_file(path).variable_frame_rate
+
+
 @pytest.mark.parametrize("name,codec", [("a.webm", "libvpx-vp9"), ("b.mkv", "libx265"),
                                         ("c.ts", "libx264"), ("d.avi", "mpeg4")])
 def test_other_containers_and_codecs(tmp_path, name, codec):
@@ -121,10 +141,43 @@ def test_valid_magic_then_garbage(tmp_path, prefix):
     rejected(path, "cannot read|no video stream|does not decode|unknown")
 
 
-def test_truncated_file(good, tmp_path):
-    # PyAV writes the index (moov) at the end: the first half has frames but no index.
+def test_truncated_mp4_without_its_index_is_called_incomplete(good, tmp_path):
+    # PyAV writes the index (moov) at the end: the first half has frames but no index, which
+    # FFmpeg itself reports only as "Invalid data found when processing input".
     path = truncate_copy(good, tmp_path / "cut.mp4", good.stat().st_size // 2)
-    rejected(path, "cannot read")
+    with pytest.raises(av.error.InvalidDataError):
+        av.open(str(path), format="mov")
+    err = rejected(path, r"^the file is incomplete \(truncated\)")
+    assert "'mdat' box ends at byte" in err.message and "moov" in err.message
+
+
+def remux_fast_start(src: Path, dst: Path) -> Path:
+    """The same stream in an MP4 whose index (moov) comes before the media data."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return dst
+
+
+def test_truncated_fast_start_mp4_is_called_incomplete(good, tmp_path):
+    fast = remux_fast_start(good, tmp_path / "fast.mp4")
+    with open(fast, "rb") as f:
+        assert b"moov" in f.read(4096), "the index is not first"
+    assert probe_file(fast).frame_count == 100  # the whole file is fine
+    # Cut in the media data: FFmpeg opens it (the index is there) but the samples past the cut are gone.
+    cut = truncate_copy(fast, tmp_path / "fast-cut.mp4", fast.stat().st_size * 2 // 3)
+    av.open(str(cut), format="mov").close()
+    err = rejected(cut, r"^the file is incomplete \(truncated\)")
+    assert "'mdat' box" in err.message and "never arrived" not in err.message
+
+
+def test_mp4_with_trailing_bytes_that_are_no_box_still_probes(good, tmp_path):
+    padded = tmp_path / "padded.mp4"
+    padded.write_bytes(good.read_bytes() + b"\0\0\0\0garbage-not-a-box" * 10)
+    assert probe_file(padded).frame_count == 100
 
 
 def test_truncated_to_header_only(tmp_path):

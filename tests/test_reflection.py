@@ -227,6 +227,9 @@ def test_every_rpc_through_reflection_alone(stack, video):
         with pytest.raises(grpc.RpcError) as gone:
             call(f"{M}/GetVideo", {"videoId": video_id})
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as refused:  # the ingest rules answer without a fetch
+            call(f"{M}/IngestVideo", {"sourceUri": "file:///etc/passwd"})
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         H = "grpc.health.v1.Health"
         assert call(f"{H}/Check", {})["status"] == "SERVING"

@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import grpc
 import pytest
 
 from moments.app.client import MomentsClient
+from tests.pki import make_pki
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 
 
-def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-         "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    for name in ("server", "client"):
-        _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        ext = d / f"{name}.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        _run("openssl", "x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
-             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1", "-extfile", str(ext),
-             "-out", str(d / f"{name}.pem"))
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.mark.parametrize("mutual", [False, True])

@@ -137,7 +137,7 @@ def _job_and_info(tmp_path):
     video_id = hashlib.sha256(path.read_bytes()).hexdigest()
     info = probe_file(path, video_id=video_id)
     blobs = LocalBlobStore(tmp_path / "blobs", tmp_path / "uploads")
-    blobs.commit(path, video_id)
+    blobs.commit_file(path, video_id)
     job = Job(kind="localize", video_id=video_id, queries=("q",), sampling=SamplingRequest())
     return job, info, blobs
 

@@ -27,6 +27,7 @@ from moments.v1 import moments_pb2 as pb
 from moments.v1 import moments_pb2_grpc as pb_grpc
 from moments.service.auth import hash_key
 from moments.service.uploads import MAX_CHUNK_BYTES
+from tests.stack import staged_uploads, stored_blob_ids
 
 KEYS = {"alice": "alice-secret", "bob": "bob-secret"}
 API_KEYS = ",".join(f"{tenant}:{hash_key(key)}" for tenant, key in KEYS.items())
@@ -106,10 +107,6 @@ def field_of(exc: grpc.RpcError) -> str:
 
 def part_files(stack) -> set[Path]:
     return set(stack.settings.upload_dir.glob("*.part"))
-
-
-def blobs_of(stack, sha256: str) -> list[Path]:
-    return list(stack.settings.blob_dir.rglob(f"{sha256}*"))
 
 
 def start_partial(stub, data: bytes, prefix_bytes: int, tenant: str = "alice") -> str:
@@ -355,13 +352,24 @@ def upload_retrying(stub, data: bytes, tenant: str, barrier: threading.Barrier) 
                 time.sleep(0.05)
 
 
+@pytest.fixture(scope="module")
+def s3_front(redis_server, stack_factory):
+    """The same front end with its blobs in an S3 bucket (moto's server)."""
+    with stack_factory(workers=0, api_keys=API_KEYS, blob_backend="s3") as s, \
+            grpc.insecure_channel(s.target) as channel:
+        yield s, pb_grpc.MomentsStub(channel)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
 @pytest.mark.parametrize("tenants", [("alice", "alice", "alice"), ("alice", "bob", "bob")],
                          ids=["same-tenant", "two-tenants"])
-def test_concurrent_uploads_of_the_same_bytes_end_in_one_blob(front, stub, tenants, tmp_path):
+def test_concurrent_uploads_of_the_same_bytes_end_in_one_blob(request, backend, tenants, tmp_path):
+    front, stub = (request.getfixturevalue("front"), request.getfixturevalue("stub")) if backend == "local" \
+        else request.getfixturevalue("s3_front")
     data = write_event_video(tmp_path / "race.mp4", [Event("red", "triangle", 0.5, 1.5)],
                              seconds=3, fps=5, width=160, height=120).read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    before = part_files(front)
+    before = staged_uploads(front)
     barrier = threading.Barrier(len(tenants))
     results: list = [None] * len(tenants)
 
@@ -378,8 +386,9 @@ def test_concurrent_uploads_of_the_same_bytes_end_in_one_blob(front, stub, tenan
         t.join(90)
     assert all(isinstance(r, pb.UploadVideoResponse) for r in results), results
     assert {r.video.video_id for r in results} == {sha}
-    blobs = blobs_of(front, sha)
-    assert len(blobs) == 1 and hashlib.sha256(blobs[0].read_bytes()).hexdigest() == sha
-    assert part_files(front) == before, "a partial file was left behind"
+    assert stored_blob_ids(front).count(sha) == 1
+    with front.stack.front.uploads.blobs.reader(sha) as blob:
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == sha
+    assert staged_uploads(front) == before, "a partial file was left behind"
     for tenant in set(tenants):
         assert stub.GetVideo(pb.GetVideoRequest(video_id=sha), metadata=md(tenant)).video_id == sha

@@ -9,7 +9,7 @@ import signal
 import socket
 
 from moments.core import errors
-from moments.core.blobs import open_blob_store
+from moments.core.blob_backends import open_blob_store
 from moments.core.config import Settings
 from moments.core.redis_client import connect
 from moments.workers.job_loop import JobLoop

@@ -1,4 +1,4 @@
-"""The ``moments`` command line: serve, worker, demo, upload, ask, videos, delete, config."""
+"""The ``moments`` command line: serve, worker, demo, upload, ingest, ask, videos, delete, config."""
 
 from __future__ import annotations
 
@@ -98,6 +98,18 @@ def cmd_upload(args) -> int:
                 bar.update(done - bar.n)
 
             response = client.upload(args.file, progress=progress)
+    _print_stored(response, args.json)
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    with _client(args) as client:
+        response = client.ingest(args.uri, sha256=args.sha256 or "", timeout_s=args.timeout)
+    _print_stored(response, args.json)
+    return 0
+
+
+def _print_stored(response, as_json: bool) -> None:
     video = response.video
     print(json.dumps({
         "video_id": video.video_id,
@@ -106,10 +118,9 @@ def cmd_upload(args) -> int:
         "fps": round(video.native_fps, 3),
         "size": f"{video.width}x{video.height}",
         "codec": video.codec,
-    }) if args.json else f"{video.video_id}  {video.duration.ToNanoseconds() / 1e9:.1f} s  "
-                         f"{video.width}x{video.height} {video.codec}"
+    }) if as_json else f"{video.video_id}  {video.duration.ToNanoseconds() / 1e9:.1f} s  "
+                       f"{video.width}x{video.height} {video.codec}"
           + ("  (already stored)" if response.deduplicated else ""))
-    return 0
 
 
 def cmd_ask(args) -> int:
@@ -173,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, help_text in (
         ("upload", cmd_upload, "upload a video file (resumes an interrupted upload)"),
+        ("ingest", cmd_ingest, "have the server fetch a video from an s3:// or https:// URI"),
         ("ask", cmd_ask, "ask when something happens in a video"),
         ("videos", cmd_videos, "list your videos"),
         ("delete", cmd_delete, "delete a video"),
@@ -185,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("file")
             p.add_argument("--json", action="store_true")
             p.add_argument("--quiet", action="store_true")
+        elif name == "ingest":
+            p.add_argument("uri")
+            p.add_argument("--sha256", default=None, help="the bytes' expected sha256 (skips the fetch if stored)")
+            p.add_argument("--json", action="store_true")
+            p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
         elif name == "ask":
             p.add_argument("video")
             p.add_argument("query")

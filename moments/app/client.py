@@ -178,6 +178,13 @@ class MomentsClient:
         assert error is not None
         raise error
 
+    def ingest(self, source_uri: str, *, sha256: str = "", size_bytes: int = 0, filename: str = "",
+               timeout_s: float | None = None) -> pb.UploadVideoResponse:
+        """Have the server fetch a video from ``source_uri`` (s3:// or https://) and store it."""
+        request = pb.IngestVideoRequest(source_uri=source_uri, sha256=sha256, size_bytes=size_bytes,
+                                        filename=filename)
+        return self.stub.IngestVideo(request, metadata=self.metadata, timeout=timeout_s)
+
     def localize(self, video_id: str, queries: Sequence[str], *, sampling: SamplingRequest | None = None,
                  max_new_tokens: int = 0, min_confidence: float = 0.0, search: pb.SearchOptions | None = None,
                  timeout_s: float | None = None) -> pb.LocalizeResponse:

@@ -25,7 +25,8 @@ class Settings:
     """Settings shared by every Moments process."""
 
     redis_url: str = _setting("", "Redis URL; empty starts a private redis-server (serve/demo only)")
-    data_dir: str = _setting("./var", "Blob store, upload temp files and private Redis live here")
+    data_dir: str = _setting("./var", "Local blob store and upload temp files (local backend), the worker blob "
+                                       "cache (s3 backend) and the private Redis live here")
     listen: str = _setting("127.0.0.1:50051", "gRPC listen address of the front end")
     metrics_port: int = _setting(0, "Prometheus metrics HTTP port (0 = off)")
     api_keys: str = _setting(
@@ -35,7 +36,7 @@ class Settings:
     tls_cert: str = _setting("", "PEM server certificate (TLS on when set)")
     tls_key: str = _setting("", "PEM server private key")
     tls_client_ca: str = _setting("", "PEM CA for client certificates (mTLS on when set)")
-    max_upload_bytes: int = _setting(8 * 1024**3, "Largest accepted upload")
+    max_upload_bytes: int = _setting(8 * 1024**3, "Largest accepted upload or ingested file")
     max_duration_s: float = _setting(4 * 3600.0, "Longest accepted video")
     max_pixels_per_frame: int = _setting(8192 * 8192, "Largest accepted frame (width x height)")
     max_queries: int = _setting(16, "Most queries in one Localize request")
@@ -46,6 +47,23 @@ class Settings:
     job_lease_s: float = _setting(60.0, "A job idle this long (no heartbeat) is reclaimed")
     worker_stale_s: float = _setting(10.0, "No worker heartbeat for this long: calls get UNAVAILABLE")
     job_max_attempts: int = _setting(3, "Deliveries before a job goes to the dead-letter stream")
+    blob_backend: str = _setting("local", "Where video bytes live: local (a directory under data_dir) or s3")
+    s3_endpoint_url: str = _setting("", "S3-compatible endpoint URL (empty = AWS for s3_region)")
+    s3_bucket: str = _setting("", "Bucket of the s3 blob store (must exist)")
+    s3_region: str = _setting("us-east-1", "Region of the bucket (signing region for other S3 servers)")
+    s3_access_key_id: str = _setting("", "S3 access key id; empty = boto3's default chain (AWS_* env, instance role)")
+    s3_secret_access_key: str = _setting("", "S3 secret access key (never logged)")
+    s3_prefix: str = _setting("moments/", "Key prefix of everything Moments stores in the bucket")
+    s3_part_bytes: int = _setting(8 * 1024**2, "Multipart part size of uploads into S3 (>= 5 MiB): the "
+                                               "front end buffers up to two parts per upload")
+    s3_timeout_s: float = _setting(10.0, "Connect and read timeout of one S3 request")
+    blob_cache_bytes: int = _setting(16 * 1024**3, "s3 backend: worker disk cache of blobs under data_dir "
+                                                   "(least recently used evicted; blobs in use are kept)")
+    ingest_s3_buckets: str = _setting("", "Comma list of bucket or bucket/prefix that s3:// ingest may read "
+                                          "(with the server's S3 credentials); empty = s3:// ingest off")
+    ingest_timeout_s: float = _setting(900.0, "Longest URI ingest (fetch, verify, probe, store)")
+    ingest_max_redirects: int = _setting(5, "Most HTTP redirects one ingest follows (each hop re-checked)")
+    ingest_ca_bundle: str = _setting("", "PEM CA bundle for https:// ingest (empty = the system's CAs)")
     allow_networks: str = _setting(
         "", "Comma list of networks (CIDR) that outbound URLs (ingest, webhooks) may reach despite being "
             "private, loopback or link-local; empty = public addresses only")
@@ -118,6 +136,10 @@ class Settings:
     @property
     def upload_dir(self) -> Path:
         return self.data_path / "uploads"
+
+    @property
+    def blob_cache_dir(self) -> Path:
+        return self.data_path / "blob-cache"
 
 
 def _parse(type_name: Any, raw: str, name: str) -> Any:

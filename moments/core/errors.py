@@ -28,12 +28,17 @@ class NotFound(MomentsError):
 
 
 class FailedPrecondition(MomentsError):
-    """E.g. a chunk at the wrong offset (FAILED_PRECONDITION); ``committed_bytes`` says where to resume."""
+    """E.g. a chunk at the wrong offset (FAILED_PRECONDITION); ``committed_bytes`` says where to resume.
 
-    def __init__(self, message: str, *, committed_bytes: int | None = None, upload_id: str = "") -> None:
+    ``reason`` (an ErrorInfo reason such as SOURCE_UNAVAILABLE) with ``metadata`` names other causes."""
+
+    def __init__(self, message: str, *, committed_bytes: int | None = None, upload_id: str = "",
+                 reason: str = "", metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.committed_bytes = committed_bytes
         self.upload_id = upload_id
+        self.reason = reason
+        self.metadata = metadata or {}
 
 
 class ResourceExhausted(MomentsError):

@@ -450,6 +450,20 @@ class UploadHeader:
 
 
 @dataclass(frozen=True)
+class IngestRequest:
+    """A video to fetch from a source URI (the rules are in the proto and ``service/ingest.py``)."""
+
+    source_uri: str
+    sha256: str
+    size_bytes: int
+    filename: str
+
+    @classmethod
+    def from_pb(cls, m: pb.IngestVideoRequest) -> "IngestRequest":
+        return cls(m.source_uri.strip(), m.sha256.lower(), m.size_bytes, m.filename)
+
+
+@dataclass(frozen=True)
 class UploadChunk:
     offset: int
     data: bytes

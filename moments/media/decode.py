@@ -47,6 +47,8 @@ DECORD_CODECS = frozenset({"h264"})
 """Codecs where decord's seeking is frame-accurate in our tests. With HEVC (open GOP) its
 ``get_batch`` returns frames a few indices off after a seek, so those files go to PyAV."""
 _EPS_S = 1e-6
+FLOAT32_SLACK = 4 * 2.0**-24
+"""Relative error of decord's float32 times (a float32 pts times a float32 time base)."""
 
 ProgressFn = Callable[[int, int], None]
 
@@ -318,11 +320,18 @@ def _decord_frames(path: str | os.PathLike, targets_s: Sequence[float], plan: Sa
     count = len(reader)
     if count == 0:
         raise RuntimeError("decord found no frames")
-    # decord's times count from the stream start; the plan's from the first frame.
-    starts_s = reader.get_frame_timestamp(range(count))[:, 0].astype(np.float64)
-    first_s = starts_s[0]
-    wanted = np.asarray(targets_s, np.float64) + first_s
-    indices = np.clip(np.searchsorted(starts_s, wanted + _EPS_S, side="right") - 1, 0, count - 1)
+    exact_s = _frame_times_s(path, count)
+    if exact_s is not None:  # the same times and rule as the PyAV backend
+        wanted = np.asarray(targets_s, np.float64) + info.start_time_s
+        indices = np.searchsorted(exact_s, wanted + _EPS_S, side="right") - 1
+    else:
+        # decord's own times count from the stream start (the plan's from the first frame) and
+        # are float32, off by a few units in the last place: allow that much.
+        starts_s = reader.get_frame_timestamp(range(count))[:, 0].astype(np.float64)
+        wanted = np.asarray(targets_s, np.float64) + starts_s[0]
+        slack_s = np.maximum(_EPS_S, FLOAT32_SLACK * np.abs(wanted))
+        indices = np.searchsorted(starts_s, wanted + slack_s, side="right") - 1
+    indices = np.clip(indices, 0, count - 1)
     for at in range(0, len(indices), chunk):
         part = indices[at:at + chunk]
         unique, inverse = np.unique(part, return_inverse=True)
@@ -330,6 +339,33 @@ def _decord_frames(path: str | os.PathLike, targets_s: Sequence[float], plan: Sa
         for j in inverse:
             yield batch[j]
     del reader
+
+
+def _frame_times_s(path: str | os.PathLike, count: int) -> np.ndarray | None:
+    """Every frame's presentation time (pts x time base, float64, sorted) from the packets, or
+    None when their number is not decord's frame count (the indices would not line up).
+
+    decord reports times as float32 computed from a float32 pts, so late in a long file a frame
+    that starts exactly at a planned time reads a little after it (1501.5 s in an NTSC file comes
+    back as 1501.50012) and the frame before would be chosen. Demuxing costs a pass over the
+    packets without decoding, as decord's own indexing does when it opens the file.
+    """
+    import av
+
+    container = open_container(path)
+    try:
+        stream = container.streams.video[0]
+        for other in container.streams:
+            if other.index != stream.index:
+                other.discard = av.stream.Discard.all
+        pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size]
+        time_base = float(stream.time_base)
+    finally:
+        container.close()
+    if len(pts) != count:
+        log.debug("%s: %d packets with a pts, decord counts %d frames; using decord's times", path, len(pts), count)
+        return None
+    return np.sort(np.asarray(pts, np.int64)) * time_base
 
 
 _BACKEND_FNS = {"pyav": _pyav_frames, "decord": _decord_frames}

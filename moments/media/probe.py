@@ -19,20 +19,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
 import resource
 import statistics
+import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from moments.core.config import Settings
 from moments.core.errors import InvalidVideo
 from moments.core.records import VideoInfo
+from moments.media.remote import RangeReader, is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import av.container
@@ -43,7 +46,17 @@ DEFAULT_MAX_DURATION_S: float = Settings.max_duration_s
 DEFAULT_MAX_PIXELS: int = Settings.max_pixels_per_frame
 SNIFF_BYTES = 4096
 VFR_PACKETS = 100
-"""Packets whose timestamps decide whether the frame rate is variable."""
+"""Packets at the start whose timestamps say whether the frame rate varies..."""
+VFR_WINDOWS = 8
+VFR_WINDOW_PACKETS = 48
+"""...and at VFR_WINDOWS more points spread over the file, this many packets each (a file that
+turns variable later reads as variable; the cost stays a few hundred packets, no decoding)..."""
+VFR_WINDOW_BYTES = 4 * 1024 * 1024
+"""...and at most this many bytes of packets per window (high bit rates: a probe reading an
+object store through range requests stays at a few requests per window)."""
+REORDER_PACKETS = 16
+"""Most packets a frame can come after its successors in decode order (H.264's 16-frame DPB): the
+timestamps of a window's last packets may still have holes, so they are left out."""
 VFR_TOLERANCE = 0.15
 """A pts step this far (relative) from the median step means variable frame rate."""
 MAX_PACKETS_TO_FIRST_FRAME = 600
@@ -103,8 +116,11 @@ def _looks_like_text(head: bytes) -> bool:
     return bad <= max(1, len(text) // 100)
 
 
-def open_container(path: str | os.PathLike, *, max_pixels: int | None = None) -> "av.container.InputContainer":
-    """Open ``path`` with PyAV, forcing the sniffed allowlisted demuxer and the file protocol only.
+def open_container(source: str | os.PathLike | BinaryIO, *,
+                   max_pixels: int | None = None) -> "av.container.InputContainer":
+    """Open ``source`` (a path, or a seekable binary file such as a
+    :class:`~moments.media.remote.RangeReader`) with PyAV, forcing the sniffed allowlisted demuxer
+    and the file protocol only.
 
     ``max_pixels`` is set on every video decoder, so a frame header that lies about its size
     makes decoding fail instead of allocating it. (FFmpeg's own stream analysis at open is
@@ -112,18 +128,80 @@ def open_container(path: str | os.PathLike, *, max_pixels: int | None = None) ->
     """
     import av
 
-    with open(path, "rb") as f:
-        head = f.read(SNIFF_BYTES)
-    fmt = sniff_format(head)
+    fmt = sniff_format(_head(source))
+    opened = source if hasattr(source, "read") else os.fspath(source)
     options = {"protocol_whitelist": "file"}
     try:
-        container = av.open(str(path), format=fmt, options=options)
+        container = av.open(opened, format=fmt, options=options)
     except (av.error.FFmpegError, ValueError) as exc:
-        raise InvalidVideo(f"cannot read the {fmt} container: {_ffmpeg_reason(exc)}") from exc
+        raise InvalidVideo(f"cannot read the {fmt} container: {_open_failure(exc, fmt, source)}") from exc
     if max_pixels:
         for stream in container.streams.video:
             stream.codec_context.options = {"max_pixels": str(int(max_pixels))}
     return container
+
+
+_MP4_TOP_BOXES = _MP4_BOXES | {b"moof", b"mfra", b"sidx", b"styp", b"meta", b"prft", b"emsg", b"ssix"}
+
+
+def mp4_truncation(f: BinaryIO) -> str | None:
+    """Why an MP4/MOV file is incomplete, from its top-level boxes: one that runs past the end of
+    the file, or no ``moov`` (the index) at all. None when the boxes add up (or stop being boxes:
+    trailing bytes that are not a known box are not evidence of a cut)."""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    offset, seen = 0, set()
+    while offset < size:
+        f.seek(offset)
+        header = f.read(16)
+        if len(header) < 8:
+            return f"the file is incomplete (truncated at {size} bytes, inside a box header)"
+        box_bytes, kind = struct.unpack(">I4s", header[:8])
+        if kind not in _MP4_TOP_BOXES:
+            return None
+        if box_bytes == 1:
+            if len(header) < 16:
+                return f"the file is incomplete (truncated at {size} bytes, inside a box header)"
+            box_bytes = struct.unpack(">Q", header[8:16])[0]
+        elif box_bytes == 0:  # runs to the end of the file
+            box_bytes = size - offset
+        if box_bytes < 8:
+            return None
+        if offset + box_bytes > size:
+            name = kind.decode("latin-1")
+            missing = " (the index, moov, never arrived)" if b"moov" not in seen else ""
+            return (f"the file is incomplete (truncated): its {name!r} box ends at byte {offset + box_bytes} "
+                    f"but the file has {size} bytes{missing}; send the whole file")
+        seen.add(kind)
+        offset += box_bytes
+    if b"moov" not in seen and b"moof" not in seen:
+        return "the file is incomplete: it has no moov box (the MP4 index); send the whole, finished file"
+    return None
+
+
+def _head(source: str | os.PathLike | BinaryIO) -> bytes:
+    if hasattr(source, "read"):
+        source.seek(0)
+        head = source.read(SNIFF_BYTES)
+        source.seek(0)
+        return head
+    with open(source, "rb") as f:
+        return f.read(SNIFF_BYTES)
+
+
+def _mp4_truncation_of(source: str | os.PathLike | BinaryIO) -> str | None:
+    try:
+        if hasattr(source, "read"):
+            return mp4_truncation(source)
+        with open(source, "rb") as f:
+            return mp4_truncation(f)
+    except OSError:
+        return None
+
+
+def _open_failure(exc: BaseException, fmt: str, source: str | os.PathLike | BinaryIO) -> str:
+    """FFmpeg's reason, unless the container is an MP4 cut short (then say so)."""
+    return (fmt == "mov" and _mp4_truncation_of(source)) or _ffmpeg_reason(exc)
 
 
 def _ffmpeg_reason(exc: BaseException) -> str:
@@ -148,18 +226,28 @@ def rotation_from(frame_rotation_ccw: int | float | None, rotate_tag: str | None
     return int(round(degrees / 90.0)) * 90 % 360
 
 
-def probe_facts(path: str | os.PathLike, *, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+def probe_facts(target: str | os.PathLike, *, max_duration_s: float = DEFAULT_MAX_DURATION_S,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """Probe in *this* process (the child calls it). Returns VideoInfo fields; raises InvalidVideo."""
+    """Probe in *this* process (the child calls it). ``target`` is a path or an http(s) URL read
+    with range requests. Returns VideoInfo fields; raises InvalidVideo."""
     import av
 
-    container = open_container(path, max_pixels=max_pixels)
-    try:
-        return _probe_open(container, max_duration_s=max_duration_s, max_pixels=max_pixels)
-    except av.error.FFmpegError as exc:
-        raise InvalidVideo(f"cannot read the video: {_ffmpeg_reason(exc)}") from exc
-    finally:
-        container.close()
+    with contextlib.ExitStack() as stack:
+        source: Any = target
+        if is_url(os.fspath(target)):
+            source = stack.enter_context(RangeReader(os.fspath(target)))
+        if sniff_format(_head(source)) == "mov":
+            # A cut MP4 either has no index (FFmpeg then only says "Invalid data found") or, with
+            # the index first ("fast start"), lists samples past the cut: either way, say so.
+            reason = _mp4_truncation_of(source)
+            if reason:
+                raise InvalidVideo(reason)
+        container = open_container(source, max_pixels=max_pixels)
+        stack.callback(container.close)
+        try:
+            return _probe_open(container, max_duration_s=max_duration_s, max_pixels=max_pixels)
+        except av.error.FFmpegError as exc:
+            raise InvalidVideo(f"cannot read the video: {_ffmpeg_reason(exc)}") from exc
 
 
 def _probe_open(container: Any, *, max_duration_s: float, max_pixels: int) -> dict[str, Any]:
@@ -216,7 +304,7 @@ def _probe_open(container: Any, *, max_duration_s: float, max_pixels: int) -> di
         "height": height,
         "codec": codec,
         "container": container.format.name,
-        "variable_frame_rate": _is_vfr(pts_s),
+        "variable_frame_rate": _is_vfr([pts_s, *_pts_windows(container, stream, start_time_s, duration_s)]),
         "rotation_degrees": rotation,
         "frame_count": frame_count,
         "start_time_s": start_time_s,
@@ -236,7 +324,9 @@ def _first_frame_and_pts(container: Any, stream: Any) -> tuple[Any, list[float]]
     first = None
     error: Exception | None = None
     pts_s: list[float] = []
+    read_bytes = 0
     for count, packet in enumerate(container.demux(stream)):
+        read_bytes += packet.size
         if packet.pts is not None and packet.size:
             pts_s.append(float(packet.pts * stream.time_base))
         if first is None:
@@ -246,16 +336,48 @@ def _first_frame_and_pts(container: Any, stream: Any) -> tuple[Any, list[float]]
                     break
             except av.error.FFmpegError as exc:
                 error = exc
-        if (first is not None and len(pts_s) >= VFR_PACKETS) or count >= MAX_PACKETS_TO_FIRST_FRAME:
+        enough = len(pts_s) >= VFR_PACKETS or read_bytes >= VFR_WINDOW_BYTES
+        if (first is not None and enough) or count >= MAX_PACKETS_TO_FIRST_FRAME:
             break
     if first is None and error is not None:
         raise InvalidVideo(f"the first video frame does not decode: {_ffmpeg_reason(error)}")
     return first, pts_s
 
 
-def _is_vfr(pts_s: list[float]) -> bool:
+def _pts_windows(container: Any, stream: Any, start_time_s: float, duration_s: float) -> list[list[float]]:
+    """Packet times (seconds, decode order) from VFR_WINDOWS points spread over the file."""
+    windows = []
+    for k in range(1, VFR_WINDOWS + 1):
+        at_s = start_time_s + duration_s * k / (VFR_WINDOWS + 1)
+        try:
+            container.seek(int(at_s / stream.time_base), stream=stream, backward=True)
+        except Exception:  # noqa: BLE001 - a file that cannot seek keeps the first window only
+            break
+        window: list[float] = []
+        read_bytes = 0
+        for packet in container.demux(stream):
+            read_bytes += packet.size
+            if packet.pts is not None and packet.size:
+                window.append(float(packet.pts * stream.time_base))
+            if len(window) >= VFR_WINDOW_PACKETS or read_bytes >= VFR_WINDOW_BYTES:
+                break
+        windows.append(window)
+    return windows
+
+
+def _steps(pts_s: list[float]) -> list[float]:
+    """Frame durations seen in one window of packets (decode order): sorted times from the first
+    packet's on, up to the earliest of the last REORDER_PACKETS (later ones may have gaps)."""
+    if len(pts_s) > 2 * REORDER_PACKETS:
+        complete_below = min(pts_s[-REORDER_PACKETS:])
+        pts_s = [t for t in pts_s if pts_s[0] <= t <= complete_below]
     times = sorted(set(pts_s))
-    steps = [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def _is_vfr(windows: list[list[float]]) -> bool:
+    per_window = [_steps(w) for w in windows]
+    steps = [step for window in per_window for step in window]
     if len(steps) < 3:
         return False
     median = statistics.median(steps)
@@ -302,8 +424,12 @@ def _child_command(path: str | os.PathLike, *, timeout_s: float, memory_bytes: i
     ]
 
 
+_SECRET_ENV = ("MOMENTS_S3_ACCESS_KEY_ID", "MOMENTS_S3_SECRET_ACCESS_KEY", "MOMENTS_API_KEYS", "MOMENTS_API_KEY")
+
+
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
+    """The server's environment less its secrets: the child parses hostile files."""
+    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV and not k.startswith("AWS_")}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -330,8 +456,12 @@ def _to_info(returncode: int, stdout: bytes, stderr: bytes, *, path: str | os.Pa
     if not reply.get("ok"):
         raise InvalidVideo(str(reply.get("reason") or "invalid video"))
     facts = reply["facts"]
-    return VideoInfo(video_id=video_id, size_bytes=size_bytes or os.path.getsize(path),
+    return VideoInfo(video_id=video_id, size_bytes=size_bytes or _size_of(path),
                      filename=filename, **facts)
+
+
+def _size_of(target: str | os.PathLike) -> int:
+    return 0 if is_url(os.fspath(target)) else os.path.getsize(target)
 
 
 def probe_file(path: str | os.PathLike, *, video_id: str = "", size_bytes: int = 0,

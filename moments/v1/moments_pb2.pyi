@@ -83,6 +83,18 @@ class UploadVideoResponse(_message.Message):
     upload_id: str
     def __init__(self, video: _Optional[_Union[Video, _Mapping]] = ..., deduplicated: _Optional[bool] = ..., upload_id: _Optional[str] = ...) -> None: ...
 
+class IngestVideoRequest(_message.Message):
+    __slots__ = ("source_uri", "sha256", "size_bytes", "filename")
+    SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    source_uri: str
+    sha256: str
+    size_bytes: int
+    filename: str
+    def __init__(self, source_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., filename: _Optional[str] = ...) -> None: ...
+
 class GetUploadRequest(_message.Message):
     __slots__ = ("upload_id",)
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]

@@ -48,21 +48,25 @@ class MomentsStub:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video) and .description says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
+    says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
-    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads only:
+    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
     reason "WRONG_OFFSET": continue the upload at metadata["committed_bytes"] (a decimal string).
     Sent when a chunk's offset is not the committed offset, when a stream ends before
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
     closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
+    answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
     (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
     or the server's disk is full (60 s; the partial upload was dropped: start it again).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
-    stopped during the job, Redis is unreachable, or the video is being stored or deleted.
+    stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
+    an upload resumes from what the store holds), or the video is being stored or deleted.
     UNAUTHENTICATED: the authorization metadata is missing or names no key.
     DEADLINE_EXCEEDED: the job did not finish within the call's deadline (see Limits).
     ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
@@ -86,6 +90,11 @@ class MomentsStub:
         self.UploadVideo = channel.stream_unary(
                 '/moments.v1.Moments/UploadVideo',
                 request_serializer=moments_dot_v1_dot_moments__pb2.UploadVideoRequest.SerializeToString,
+                response_deserializer=moments_dot_v1_dot_moments__pb2.UploadVideoResponse.FromString,
+                _registered_method=True)
+        self.IngestVideo = channel.unary_unary(
+                '/moments.v1.Moments/IngestVideo',
+                request_serializer=moments_dot_v1_dot_moments__pb2.IngestVideoRequest.SerializeToString,
                 response_deserializer=moments_dot_v1_dot_moments__pb2.UploadVideoResponse.FromString,
                 _registered_method=True)
         self.GetUpload = channel.unary_unary(
@@ -148,21 +157,25 @@ class MomentsServicer:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video) and .description says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
+    says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
-    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads only:
+    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
     reason "WRONG_OFFSET": continue the upload at metadata["committed_bytes"] (a decimal string).
     Sent when a chunk's offset is not the committed offset, when a stream ends before
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
     closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
+    answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
     (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
     or the server's disk is full (60 s; the partial upload was dropped: start it again).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
-    stopped during the job, Redis is unreachable, or the video is being stored or deleted.
+    stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
+    an upload resumes from what the store holds), or the video is being stored or deleted.
     UNAUTHENTICATED: the authorization metadata is missing or names no key.
     DEADLINE_EXCEEDED: the job did not finish within the call's deadline (see Limits).
     ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
@@ -199,6 +212,16 @@ class MomentsServicer:
         header, bytes whose SHA-256 is not the header's (the upload is dropped: start again), or a file
         that is not a usable video (field "data"; dropped); FAILED_PRECONDITION WRONG_OFFSET or
         UPLOAD_BUSY as described on the service; RESOURCE_EXHAUSTED when the disk is full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IngestVideo(self, request, context):
+        """Creates a video from bytes the server fetches itself from a source URI (see
+        IngestVideoRequest for the rules). The bytes are verified, sniffed and probed exactly like an
+        upload, stored under their sha256, and deduplicated like an upload. Not resumable: a failed
+        ingest leaves nothing behind and is simply asked for again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -263,6 +286,11 @@ def add_MomentsServicer_to_server(servicer, server):
             'UploadVideo': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadVideo,
                     request_deserializer=moments_dot_v1_dot_moments__pb2.UploadVideoRequest.FromString,
+                    response_serializer=moments_dot_v1_dot_moments__pb2.UploadVideoResponse.SerializeToString,
+            ),
+            'IngestVideo': grpc.unary_unary_rpc_method_handler(
+                    servicer.IngestVideo,
+                    request_deserializer=moments_dot_v1_dot_moments__pb2.IngestVideoRequest.FromString,
                     response_serializer=moments_dot_v1_dot_moments__pb2.UploadVideoResponse.SerializeToString,
             ),
             'GetUpload': grpc.unary_unary_rpc_method_handler(
@@ -331,21 +359,25 @@ class Moments:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video) and .description says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
+    says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
-    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads only:
+    FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
     reason "WRONG_OFFSET": continue the upload at metadata["committed_bytes"] (a decimal string).
     Sent when a chunk's offset is not the committed offset, when a stream ends before
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
     closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
+    answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
     (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
     or the server's disk is full (60 s; the partial upload was dropped: start it again).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
-    stopped during the job, Redis is unreachable, or the video is being stored or deleted.
+    stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
+    an upload resumes from what the store holds), or the video is being stored or deleted.
     UNAUTHENTICATED: the authorization metadata is missing or names no key.
     DEADLINE_EXCEEDED: the job did not finish within the call's deadline (see Limits).
     ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
@@ -376,6 +408,33 @@ class Moments:
             target,
             '/moments.v1.Moments/UploadVideo',
             moments_dot_v1_dot_moments__pb2.UploadVideoRequest.SerializeToString,
+            moments_dot_v1_dot_moments__pb2.UploadVideoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moments.v1.Moments/IngestVideo',
+            moments_dot_v1_dot_moments__pb2.IngestVideoRequest.SerializeToString,
             moments_dot_v1_dot_moments__pb2.UploadVideoResponse.FromString,
             options,
             channel_credentials,
