@@ -194,7 +194,7 @@ def test_parallel_decode_falls_back_per_chunk_and_stops_early(videos, monkeypatc
     stream = decode_frames(path, plan, info, backend="auto", chunk_frames=4, threads=2)
     next(stream)
     stream.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("frame-decode")]
 
 
 @pytest.mark.parametrize("backend", ["pyav", "decord"])

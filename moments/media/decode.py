@@ -127,7 +127,7 @@ def _decode_parallel(path: str | os.PathLike, targets_s: Sequence[float], plan: 
 
     starts = iter(range(0, len(targets_s), chunk))
     codec_threads = max(1, (os.cpu_count() or 1) // threads)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="frame-decode")
     pending: deque = deque()
     done = 0
 
