@@ -210,10 +210,13 @@ class Moments {
     };
   }
 
-  /** StreamLocalize: progress per stage, each result as soon as it is ready, ``done`` last. */
+  /** StreamLocalize: progress per stage, each result as soon as it is ready, ``done`` last; retried as unary calls are. */
   async streamLocalize(videoId, queries, onEvent) {
-    const call = this.stub.streamLocalize({ videoId, queries }, this.metadata(), this.options(300));
-    for await (const event of call) onEvent(event);
+    // A quota refusal comes before the first event, so calling again repeats nothing.
+    await this.withRetry(async () => {
+      const call = this.stub.streamLocalize({ videoId, queries }, this.metadata(), this.options(300));
+      for await (const event of call) onEvent(event);
+    });
   }
 }
 
