@@ -51,6 +51,8 @@ class VideoCatalog:
         async with self.redis.pipeline(transaction=True) as pipe:
             for field, value in info.to_redis().items():
                 pipe.hsetnx(keys.video(info.video_id), field, value)
+            for field, value in info.owner_redis().items():  # this owner's first upload names it
+                pipe.hsetnx(keys.owned_video(tenant, info.video_id), field, value)
             pipe.zadd(keys.VIDEO_INDEX, {info.video_id: now}, nx=True)
             pipe.zadd(keys.tenant_videos(tenant), {info.video_id: now}, nx=True)
             pipe.sadd(keys.video_owners(info.video_id), tenant)
@@ -63,13 +65,16 @@ class VideoCatalog:
         if not SHA256_RE.match(video_id):
             raise errors.InvalidArgument("video_id must be a lower-case hex sha256", field="video_id")
         created = await self.redis.zscore(keys.tenant_videos(tenant), video_id)
-        raw = await self.redis.hgetall(keys.video(video_id)) if created is not None else None
+        raw = owner = None
+        if created is not None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                raw, owner = await pipe.hgetall(keys.video(video_id)).hgetall(
+                    keys.owned_video(tenant, video_id)).execute()
         if not raw:
             if missing_ok:
                 return None
             raise errors.NotFound(f"video {video_id} not found")
-        info = VideoInfo.from_redis(raw)
-        return VideoInfo(**{**info.__dict__, "create_time_s": created})
+        return VideoInfo.from_redis(raw, owner, created)
 
     async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[VideoInfo], str]:
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
@@ -93,6 +98,7 @@ class VideoCatalog:
         async with self.exclusive(video_id):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(keys.tenant_videos(tenant), video_id)
+                pipe.delete(keys.owned_video(tenant, video_id))
                 pipe.srem(keys.video_owners(video_id), tenant)
                 pipe.scard(keys.video_owners(video_id))
                 *_, remaining = await pipe.execute()

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -275,7 +275,7 @@ class Uploads:
         probed = time.monotonic()
         async with self.catalog.exclusive(state.sha256):
             await asyncio.to_thread(self.blobs.commit, staging, state.sha256)
-            video = await self.catalog.add(state.tenant, info)
+            video = await self.catalog.add(state.tenant, replace(info, content_type=state.content_type))
         await self.redis.delete(keys.upload(state.upload_id))
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
         log.info("upload %s stored video %s (%d bytes; probe %.2f s, commit %.2f s)", state.upload_id, state.sha256,

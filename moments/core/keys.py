@@ -29,6 +29,11 @@ def tenant_videos(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:videos"
 
 
+def owned_video(tenant: str, video_id: str) -> str:
+    """Hash: one owner's fields of a video (filename, content type), never shown to another owner."""
+    return f"{PREFIX}:tenant:{tenant}:video:{video_id}"
+
+
 def video_owners(video_id: str) -> str:
     """Set: the tenants that own a video; the blob goes when the last one deletes it."""
     return f"{PREFIX}:video:{video_id}:owners"

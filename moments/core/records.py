@@ -136,6 +136,11 @@ class VideoInfo:
     bit_rate: int = 0
     filename: str = ""
     create_time_s: float = 0.0
+    content_type: str = ""
+
+    OWNER_FIELDS = ("filename", "content_type", "create_time_s")
+    """Facts of one owner's upload, not of the bytes: kept per owner (``keys.owned_video``), never in
+    the shared record, so no tenant sees another's."""
 
     def to_pb(self) -> pb.Video:
         return pb.Video(
@@ -152,16 +157,27 @@ class VideoInfo:
             rotation_degrees=self.rotation_degrees,
             frame_count=self.frame_count,
             create_time=timestamp_pb(self.create_time_s),
+            content_type=self.content_type,
         )
 
     def to_redis(self) -> dict[str, str]:
-        return {k: json.dumps(v) for k, v in asdict(self).items()}
+        """The shared record: the probed facts of the bytes, without any owner's fields."""
+        return {k: json.dumps(v) for k, v in asdict(self).items() if k not in self.OWNER_FIELDS}
+
+    def owner_redis(self) -> dict[str, str]:
+        """One owner's fields (filename, content type; the upload time is the score of its index)."""
+        return {"filename": self.filename, "content_type": self.content_type}
 
     @classmethod
-    def from_redis(cls, h: dict[Any, Any]) -> "VideoInfo":
+    def from_redis(cls, h: dict[Any, Any], owner: dict[Any, Any] | None = None,
+                   create_time_s: float = 0.0) -> "VideoInfo":
+        """The shared record with one owner's fields (``owner``: its hash); owner fields a shared
+        record of an older version holds are ignored."""
         decoded = {_s(k): json.loads(_s(v)) for k, v in h.items()}
-        known = {k: v for k, v in decoded.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        known = {k: v for k, v in decoded.items() if k in cls.__dataclass_fields__ and k not in cls.OWNER_FIELDS}
+        mine = {_s(k): _s(v) for k, v in (owner or {}).items()}
+        return cls(**known, filename=mine.get("filename", ""), content_type=mine.get("content_type", ""),
+                   create_time_s=create_time_s)
 
 
 @dataclass(frozen=True)
