@@ -291,6 +291,8 @@ class Uploads:
             existing = await self.catalog.get_owned(tenant, request.sha256, missing_ok=True)
             if existing is not None and await asyncio.to_thread(self.blobs.exists, request.sha256):
                 return UploadOutcome(existing, True, "")
+        if request.size_bytes < 0:
+            raise errors.InvalidArgument("size_bytes must not be negative (0 = unknown)", field="size_bytes")
         if request.size_bytes > self.settings.max_upload_bytes:
             raise errors.InvalidArgument(f"size_bytes {request.size_bytes} exceeds the limit of "
                                          f"{self.settings.max_upload_bytes}", field="size_bytes")
