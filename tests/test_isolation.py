@@ -15,7 +15,6 @@ from moments.app.client import MomentsClient
 from moments.service.auth import hash_key
 from moments.tools.synthetic import Event, write_event_video
 from moments.v1 import moments_pb2 as pb
-from moments.v1 import moments_pb2_grpc as pb_grpc
 
 KEYS = {"alice": "alice-secret", "bob": "bob-secret"}
 
