@@ -305,8 +305,8 @@ class JobStats:
             frame_height=self.frame_height,
             cache=CACHE_OUTCOMES.get(self.cache, pb.CACHE_OUTCOME_UNSPECIFIED),
             stage_ms=self.stage_ms,
-            worker=self.worker,
-            model=self.model,
+            # A tenant sees neither the worker's name nor a path on it: the model by its name only.
+            model=public_model_name(self.model),
             attempt=self.attempt,
             weights=self.weights,
         )
@@ -316,6 +316,13 @@ class JobStats:
         """Fields this version does not know (a newer worker's) are left out."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def public_model_name(model: str) -> str:
+    """A hub id as it is; a local checkpoint directory by its last component (never the path)."""
+    if model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1:
+        return model.rstrip("/").rsplit("/", 1)[-1]
+    return model
 
 
 KIND_LOCALIZE = "localize"
