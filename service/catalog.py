@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -22,6 +25,7 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 VIDEO_LOCK_TTL_S = 30
 VIDEO_LOCK_WAIT_S = 10.0
+TOKEN_TAG_BYTES = 16
 
 
 class VideoCatalog:
@@ -30,6 +34,7 @@ class VideoCatalog:
     def __init__(self, redis: aioredis.Redis, blobs: BlobStore) -> None:
         self.redis = redis
         self.blobs = blobs
+        self._token_secret: bytes | None = None
 
     @contextlib.asynccontextmanager
     async def exclusive(self, video_id: str) -> AsyncIterator[None]:
@@ -51,6 +56,8 @@ class VideoCatalog:
         async with self.redis.pipeline(transaction=True) as pipe:
             for field, value in info.to_redis().items():
                 pipe.hsetnx(keys.video(info.video_id), field, value)
+            for field, value in info.owner_redis().items():  # this owner's first upload names it
+                pipe.hsetnx(keys.owned_video(tenant, info.video_id), field, value)
             pipe.zadd(keys.VIDEO_INDEX, {info.video_id: now}, nx=True)
             pipe.zadd(keys.tenant_videos(tenant), {info.video_id: now}, nx=True)
             pipe.sadd(keys.video_owners(info.video_id), tenant)
@@ -63,28 +70,54 @@ class VideoCatalog:
         if not SHA256_RE.match(video_id):
             raise errors.InvalidArgument("video_id must be a lower-case hex sha256", field="video_id")
         created = await self.redis.zscore(keys.tenant_videos(tenant), video_id)
-        raw = await self.redis.hgetall(keys.video(video_id)) if created is not None else None
+        raw = owner = None
+        if created is not None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                raw, owner = await pipe.hgetall(keys.video(video_id)).hgetall(
+                    keys.owned_video(tenant, video_id)).execute()
         if not raw:
             if missing_ok:
                 return None
             raise errors.NotFound(f"video {video_id} not found")
-        info = VideoInfo.from_redis(raw)
-        return VideoInfo(**{**info.__dict__, "create_time_s": created})
+        return VideoInfo.from_redis(raw, owner, created)
 
     async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[VideoInfo], str]:
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
-        try:
-            start = int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else 0
-        except ValueError:
-            raise errors.InvalidArgument("malformed page_token", field="page_token") from None
+        start = await self._read_token(tenant, page_token) if page_token else 0
         ids = await self.redis.zrevrange(keys.tenant_videos(tenant), start, start + size)
         videos = []
         for raw_id in ids[:size]:
             video = await self.get_owned(tenant, raw_id.decode(), missing_ok=True)
             if video is not None:
                 videos.append(video)
-        token = base64.urlsafe_b64encode(str(start + size).encode()).decode() if len(ids) > size else ""
+        token = await self._make_token(tenant, start + size) if len(ids) > size else ""
         return videos, token
+
+    async def _secret(self) -> bytes:
+        """The key page tokens are signed with: one random secret in Redis, shared by every front end."""
+        if self._token_secret is None:
+            await self.redis.set(keys.PAGE_TOKEN_SECRET, secrets.token_bytes(32), nx=True)
+            self._token_secret = await self.redis.get(keys.PAGE_TOKEN_SECRET)
+        return self._token_secret
+
+    def _tag(self, secret: bytes, tenant: str, body: bytes) -> bytes:
+        return hmac.new(secret, tenant.encode() + b"\0" + body, hashlib.sha256).digest()[:TOKEN_TAG_BYTES]
+
+    async def _make_token(self, tenant: str, offset: int) -> str:
+        """An opaque page token: the offset, signed for this tenant (another's token is refused)."""
+        body = offset.to_bytes(8, "big")
+        return base64.urlsafe_b64encode(body + self._tag(await self._secret(), tenant, body)).decode().rstrip("=")
+
+    async def _read_token(self, tenant: str, token: str) -> int:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except ValueError:
+            raw = b""
+        body, tag = raw[:8], raw[8:]
+        if len(raw) != 8 + TOKEN_TAG_BYTES or not hmac.compare_digest(tag, self._tag(await self._secret(), tenant, body)):
+            raise errors.InvalidArgument("page_token was not made by this server for this caller (or has expired)",
+                                         field="page_token")
+        return int.from_bytes(body, "big")
 
     async def remove(self, tenant: str, video_id: str) -> int:
         """Drop the tenant's ownership. When no owner remains, the record, the blob and the cached
@@ -93,6 +126,7 @@ class VideoCatalog:
         async with self.exclusive(video_id):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(keys.tenant_videos(tenant), video_id)
+                pipe.delete(keys.owned_video(tenant, video_id))
                 pipe.srem(keys.video_owners(video_id), tenant)
                 pipe.scard(keys.video_owners(video_id))
                 *_, remaining = await pipe.execute()

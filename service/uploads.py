@@ -9,7 +9,7 @@ import hashlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -275,7 +275,7 @@ class Uploads:
         probed = time.monotonic()
         async with self.catalog.exclusive(state.sha256):
             await asyncio.to_thread(self.blobs.commit, staging, state.sha256)
-            video = await self.catalog.add(state.tenant, info)
+            video = await self.catalog.add(state.tenant, replace(info, content_type=state.content_type))
         await self.redis.delete(keys.upload(state.upload_id))
         await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
         log.info("upload %s stored video %s (%d bytes; probe %.2f s, commit %.2f s)", state.upload_id, state.sha256,
@@ -291,6 +291,8 @@ class Uploads:
             existing = await self.catalog.get_owned(tenant, request.sha256, missing_ok=True)
             if existing is not None and await asyncio.to_thread(self.blobs.exists, request.sha256):
                 return UploadOutcome(existing, True, "")
+        if request.size_bytes < 0:
+            raise errors.InvalidArgument("size_bytes must not be negative (0 = unknown)", field="size_bytes")
         if request.size_bytes > self.settings.max_upload_bytes:
             raise errors.InvalidArgument(f"size_bytes {request.size_bytes} exceeds the limit of "
                                          f"{self.settings.max_upload_bytes}", field="size_bytes")

@@ -15,6 +15,8 @@ VIDEO_INDEX = f"{PREFIX}:videos"
 """Sorted set of every stored video id, scored by first upload time."""
 OPEN_JOBS = f"{PREFIX}:jobs:open"
 """Sorted set of unfinished job ids scored by submit time: the queue depth for backpressure."""
+PAGE_TOKEN_SECRET = f"{PREFIX}:secret:page_tokens"
+"""String: the random key ListVideos page tokens are signed with (made by the first front end)."""
 TOKEN_CACHE_HITS = f"{PREFIX}:stats:token_cache_hits"
 TOKEN_CACHE_MISSES = f"{PREFIX}:stats:token_cache_misses"
 
@@ -27,6 +29,11 @@ def video(video_id: str) -> str:
 def tenant_videos(tenant: str) -> str:
     """Sorted set: the video ids a tenant owns, scored by the time the tenant uploaded them."""
     return f"{PREFIX}:tenant:{tenant}:videos"
+
+
+def owned_video(tenant: str, video_id: str) -> str:
+    """Hash: one owner's fields of a video (filename, content type), never shown to another owner."""
+    return f"{PREFIX}:tenant:{tenant}:video:{video_id}"
 
 
 def video_owners(video_id: str) -> str:

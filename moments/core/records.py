@@ -34,6 +34,18 @@ def duration_s(d: Duration) -> float:
     return d.ToNanoseconds() / 1e9
 
 
+MAX_DURATION_SECONDS = 315_576_000_000
+"""The largest ``google.protobuf.Duration`` (10,000 years), as its spec defines it."""
+
+
+def checked_duration_s(d: Duration, field: str) -> float:
+    """Seconds of a request's Duration; InvalidArgument for one the spec calls invalid (nanos out of
+    range or of the other sign than seconds, seconds beyond 10,000 years)."""
+    if abs(d.seconds) > MAX_DURATION_SECONDS or abs(d.nanos) >= 1_000_000_000 or d.seconds * d.nanos < 0:
+        raise errors.InvalidArgument("not a valid google.protobuf.Duration", field=field)
+    return duration_s(d)
+
+
 def timestamp_pb(unix_s: float) -> Timestamp:
     t = Timestamp()
     t.FromNanoseconds(int(unix_s * 1e9))
@@ -56,8 +68,8 @@ class SamplingRequest:
             max_fps=m.max_fps,
             max_frames=m.max_frames,
             budget_tokens=m.budget_tokens,
-            start_s=duration_s(m.start_offset) if m.HasField("start_offset") else None,
-            end_s=duration_s(m.end_offset) if m.HasField("end_offset") else None,
+            start_s=checked_duration_s(m.start_offset, "sampling.start_offset") if m.HasField("start_offset") else None,
+            end_s=checked_duration_s(m.end_offset, "sampling.end_offset") if m.HasField("end_offset") else None,
         )
 
     def with_defaults(self, settings: "Settings") -> "SamplingRequest":
@@ -95,7 +107,7 @@ class SearchRequest:
     def from_pb(cls, m: pb.SearchOptions) -> "SearchRequest":
         if m.mode not in SEARCH_MODES:
             raise errors.InvalidArgument(f"unknown search mode {m.mode}", field="search.mode")
-        min_event_s = duration_s(m.min_event) if m.HasField("min_event") else 0.0
+        min_event_s = checked_duration_s(m.min_event, "search.min_event") if m.HasField("min_event") else 0.0
         if not (math.isfinite(min_event_s) and min_event_s >= 0):
             raise errors.InvalidArgument("search.min_event must be a non-negative duration", field="search.min_event")
         for name in ("max_rounds", "max_passes", "max_visual_tokens"):
@@ -136,6 +148,11 @@ class VideoInfo:
     bit_rate: int = 0
     filename: str = ""
     create_time_s: float = 0.0
+    content_type: str = ""
+
+    OWNER_FIELDS = ("filename", "content_type", "create_time_s")
+    """Facts of one owner's upload, not of the bytes: kept per owner (``keys.owned_video``), never in
+    the shared record, so no tenant sees another's."""
 
     def to_pb(self) -> pb.Video:
         return pb.Video(
@@ -152,16 +169,27 @@ class VideoInfo:
             rotation_degrees=self.rotation_degrees,
             frame_count=self.frame_count,
             create_time=timestamp_pb(self.create_time_s),
+            content_type=self.content_type,
         )
 
     def to_redis(self) -> dict[str, str]:
-        return {k: json.dumps(v) for k, v in asdict(self).items()}
+        """The shared record: the probed facts of the bytes, without any owner's fields."""
+        return {k: json.dumps(v) for k, v in asdict(self).items() if k not in self.OWNER_FIELDS}
+
+    def owner_redis(self) -> dict[str, str]:
+        """One owner's fields (filename, content type; the upload time is the score of its index)."""
+        return {"filename": self.filename, "content_type": self.content_type}
 
     @classmethod
-    def from_redis(cls, h: dict[Any, Any]) -> "VideoInfo":
+    def from_redis(cls, h: dict[Any, Any], owner: dict[Any, Any] | None = None,
+                   create_time_s: float = 0.0) -> "VideoInfo":
+        """The shared record with one owner's fields (``owner``: its hash); owner fields a shared
+        record of an older version holds are ignored."""
         decoded = {_s(k): json.loads(_s(v)) for k, v in h.items()}
-        known = {k: v for k, v in decoded.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        known = {k: v for k, v in decoded.items() if k in cls.__dataclass_fields__ and k not in cls.OWNER_FIELDS}
+        mine = {_s(k): _s(v) for k, v in (owner or {}).items()}
+        return cls(**known, filename=mine.get("filename", ""), content_type=mine.get("content_type", ""),
+                   create_time_s=create_time_s)
 
 
 @dataclass(frozen=True)
@@ -277,8 +305,8 @@ class JobStats:
             frame_height=self.frame_height,
             cache=CACHE_OUTCOMES.get(self.cache, pb.CACHE_OUTCOME_UNSPECIFIED),
             stage_ms=self.stage_ms,
-            worker=self.worker,
-            model=self.model,
+            # A tenant sees neither the worker's name nor a path on it: the model by its name only.
+            model=public_model_name(self.model),
             attempt=self.attempt,
             weights=self.weights,
         )
@@ -288,6 +316,13 @@ class JobStats:
         """Fields this version does not know (a newer worker's) are left out."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def public_model_name(model: str) -> str:
+    """A hub id as it is; a local checkpoint directory by its last component (never the path)."""
+    if model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1:
+        return model.rstrip("/").rsplit("/", 1)[-1]
+    return model
 
 
 KIND_LOCALIZE = "localize"
@@ -384,18 +419,23 @@ def _validate_queries(kind: str, queries: tuple[str, ...], settings: "Settings")
 
 
 def _validate_sampling(s: SamplingRequest, settings: "Settings") -> SamplingRequest:
-    if s.max_fps < 0 or s.max_fps > 2:
-        raise errors.InvalidArgument("sampling.max_fps must be in (0, 2]", field="sampling.max_fps")
-    if s.max_frames < 0 or s.max_frames == 1 or s.max_frames > 4096:
-        raise errors.InvalidArgument("sampling.max_frames must be in [2, 4096]", field="sampling.max_frames")
-    if s.budget_tokens and not MIN_BUDGET_TOKENS <= s.budget_tokens <= 1_000_000:
+    """Every numeric field within its range and the server's caps (0 = the server's default)."""
+    if not (math.isfinite(s.max_fps) and 0 <= s.max_fps <= settings.max_fps):
+        raise errors.InvalidArgument(f"sampling.max_fps must be 0 (default) or in (0, {settings.max_fps:g}]",
+                                     field="sampling.max_fps")
+    if s.max_frames < 0 or s.max_frames == 1 or s.max_frames > settings.max_frames:
+        raise errors.InvalidArgument(f"sampling.max_frames must be 0 (default) or in [2, {settings.max_frames}]",
+                                     field="sampling.max_frames")
+    most = max(settings.max_budget_tokens, settings.budget_tokens)
+    if s.budget_tokens and not MIN_BUDGET_TOKENS <= s.budget_tokens <= most:
         raise errors.InvalidArgument(
-            f"sampling.budget_tokens must be 0 (default) or in [{MIN_BUDGET_TOKENS}, 1000000]",
+            f"sampling.budget_tokens must be 0 (default) or in [{MIN_BUDGET_TOKENS}, {most}]",
             field="sampling.budget_tokens")
     if s.start_s is not None and s.start_s < 0:
         raise errors.InvalidArgument("sampling.start_offset is negative", field="sampling.start_offset")
-    if s.start_s is not None and s.end_s is not None and s.end_s <= s.start_s:
-        raise errors.InvalidArgument("sampling.end_offset must be after start_offset", field="sampling.end_offset")
+    if s.end_s is not None and s.end_s <= (s.start_s or 0.0):
+        raise errors.InvalidArgument("sampling.end_offset must be after start_offset (and after 0)",
+                                     field="sampling.end_offset")
     return s
 
 

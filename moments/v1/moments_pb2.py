@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moments/v1/moments.proto\x12\nmoments.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x0cUploadHeader\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x11\n\tupload_id\x18\x05 \x01(\t\"+\n\x0bUploadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"r\n\x12UploadVideoRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.moments.v1.UploadHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.moments.v1.UploadChunkH\x00\x42\x06\n\x04part\"`\n\x13UploadVideoResponse\x12 \n\x05video\x18\x01 \x01(\x0b\x32\x11.moments.v1.Video\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\x12\x11\n\tupload_id\x18\x03 \x01(\t\"^\n\x12IngestVideoRequest\x12\x12\n\nsource_uri\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x10\n\x08\x66ilename\x18\x04 \x01(\t\"%\n\x10GetUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x89\x01\n\x06Upload\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ommitted_bytes\x18\x02 \x01(\x03\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbe\x02\n\x05Video\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nnative_fps\x18\x05 \x01(\x01\x12\x1b\n\x13variable_frame_rate\x18\x06 \x01(\x08\x12\r\n\x05width\x18\x07 \x01(\x05\x12\x0e\n\x06height\x18\x08 \x01(\x05\x12\r\n\x05\x63odec\x18\t \x01(\t\x12\x11\n\tcontainer\x18\n \x01(\t\x12\x18\n\x10rotation_degrees\x18\x0b \x01(\x05\x12\x13\n\x0b\x66rame_count\x18\x0c \x01(\x03\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x0fGetVideoRequest\x12\x10\n\x08video_id\x18\x01 \x01(\t\":\n\x11ListVideosRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"P\n\x12ListVideosResponse\x12!\n\x06videos\x18\x01 \x03(\x0b\x32\x11.moments.v1.Video\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12\x44\x65leteVideoRequest\x12\x10\n\x08video_id\x18\x01 \x01(\t\"4\n\x13\x44\x65leteVideoResponse\x12\x1d\n\x15\x63\x61\x63he_entries_removed\x18\x01 \x01(\x05\"\xad\x01\n\x0fSamplingOptions\x12\x0f\n\x07max_fps\x18\x01 \x01(\x01\x12\x12\n\nmax_frames\x18\x02 \x01(\x05\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x05\x12/\n\x0cstart_offset\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"T\n\x11IndexVideoRequest\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.moments.v1.SamplingOptions\"\xdf\x01\n\rSearchOptions\x12,\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.moments.v1.SearchOptions.Mode\x12,\n\tmin_event\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmax_rounds\x18\x03 \x01(\x05\x12\x12\n\nmax_passes\x18\x04 \x01(\x05\x12\x19\n\x11max_visual_tokens\x18\x05 \x01(\x03\"/\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x07\n\x03OFF\x10\x01\x12\x08\n\x04\x41UTO\x10\x02\"\xbe\x01\n\x0fLocalizeRequest\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x03(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.moments.v1.SamplingOptions\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0emin_confidence\x18\x05 \x01(\x02\x12)\n\x06search\x18\x06 \x01(\x0b\x32\x19.moments.v1.SearchOptions\"}\n\x07Segment\x12/\n\x0cstart_offset\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"\x8a\x01\n\x0bQueryResult\x12\x13\n\x0bquery_index\x18\x01 \x01(\x05\x12\r\n\x05query\x18\x02 \x01(\t\x12%\n\x08segments\x18\x03 \x03(\x0b\x32\x13.moments.v1.Segment\x12\x12\n\nraw_answer\x18\x04 \x01(\t\x12\r\n\x05\x66ound\x18\x05 \x01(\x08\x12\r\n\x05score\x18\x06 \x01(\x02\"\xb6\x03\n\x08JobStats\x12\x13\n\x0bsampled_fps\x18\x01 \x01(\x01\x12\x0e\n\x06\x66rames\x18\x02 \x01(\x05\x12\x15\n\rvisual_tokens\x18\x03 \x01(\x05\x12\x13\n\x0b\x66rame_width\x18\x04 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\x05 \x01(\x05\x12\'\n\x05\x63\x61\x63he\x18\x06 \x01(\x0e\x32\x18.moments.v1.CacheOutcome\x12\x33\n\x08stage_ms\x18\x07 \x03(\x0b\x32!.moments.v1.JobStats.StageMsEntry\x12\x0e\n\x06worker\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x37\n\x12\x65\x66\x66\x65\x63tive_sampling\x18\x0b \x01(\x0b\x32\x1b.moments.v1.SamplingOptions\x12\x0e\n\x06rounds\x18\x0c \x01(\x05\x12\x0e\n\x06passes\x18\r \x01(\x05\x12\x1b\n\x13total_visual_tokens\x18\x0e \x01(\x03\x12\x0f\n\x07weights\x18\x0f \x01(\t\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"q\n\x10LocalizeResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.moments.v1.QueryResult\x12#\n\x05stats\x18\x03 \x01(\x0b\x32\x14.moments.v1.JobStats\"\x9e\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x14.moments.v1.ProgressH\x00\x12)\n\x06result\x18\x03 \x01(\x0b\x32\x17.moments.v1.QueryResultH\x00\x12$\n\x04\x64one\x18\x04 \x01(\x0b\x32\x14.moments.v1.JobStatsH\x00\x42\x07\n\x05\x65vent\"i\n\x08Progress\x12 \n\x05stage\x18\x01 \x01(\x0e\x32\x11.moments.v1.Stage\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x05*y\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nCACHE_MISS\x10\x01\x12\x14\n\x10\x43\x41\x43HE_HIT_TOKENS\x10\x02\x12\x10\n\x0c\x43\x41\x43HE_HIT_KV\x10\x03\x12\x12\n\x0e\x43\x41\x43HE_BYPASSED\x10\x04*\x7f\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0c\n\x08\x44\x45\x43ODING\x10\x02\x12\x0c\n\x08\x45NCODING\x10\x03\x12\x0e\n\nPREFILLING\x10\x04\x12\x0e\n\nGENERATING\x10\x05\x12\x08\n\x04\x44ONE\x10\x06\x12\r\n\tSEARCHING\x10\x07\x32\x96\x05\n\x07Moments\x12P\n\x0bUploadVideo\x12\x1e.moments.v1.UploadVideoRequest\x1a\x1f.moments.v1.UploadVideoResponse(\x01\x12N\n\x0bIngestVideo\x12\x1e.moments.v1.IngestVideoRequest\x1a\x1f.moments.v1.UploadVideoResponse\x12=\n\tGetUpload\x12\x1c.moments.v1.GetUploadRequest\x1a\x12.moments.v1.Upload\x12:\n\x08GetVideo\x12\x1b.moments.v1.GetVideoRequest\x1a\x11.moments.v1.Video\x12K\n\nListVideos\x12\x1d.moments.v1.ListVideosRequest\x1a\x1e.moments.v1.ListVideosResponse\x12N\n\x0b\x44\x65leteVideo\x12\x1e.moments.v1.DeleteVideoRequest\x1a\x1f.moments.v1.DeleteVideoResponse\x12\x43\n\nIndexVideo\x12\x1d.moments.v1.IndexVideoRequest\x1a\x14.moments.v1.JobEvent0\x01\x12\x45\n\x08Localize\x12\x1b.moments.v1.LocalizeRequest\x1a\x1c.moments.v1.LocalizeResponse\x12\x45\n\x0eStreamLocalize\x12\x1b.moments.v1.LocalizeRequest\x1a\x14.moments.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moments/v1/moments.proto\x12\nmoments.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x0cUploadHeader\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x11\n\tupload_id\x18\x05 \x01(\t\"+\n\x0bUploadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"r\n\x12UploadVideoRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.moments.v1.UploadHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.moments.v1.UploadChunkH\x00\x42\x06\n\x04part\"`\n\x13UploadVideoResponse\x12 \n\x05video\x18\x01 \x01(\x0b\x32\x11.moments.v1.Video\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\x12\x11\n\tupload_id\x18\x03 \x01(\t\"^\n\x12IngestVideoRequest\x12\x12\n\nsource_uri\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x10\n\x08\x66ilename\x18\x04 \x01(\t\"%\n\x10GetUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x89\x01\n\x06Upload\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ommitted_bytes\x18\x02 \x01(\x03\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd4\x02\n\x05Video\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nnative_fps\x18\x05 \x01(\x01\x12\x1b\n\x13variable_frame_rate\x18\x06 \x01(\x08\x12\r\n\x05width\x18\x07 \x01(\x05\x12\x0e\n\x06height\x18\x08 \x01(\x05\x12\r\n\x05\x63odec\x18\t \x01(\t\x12\x11\n\tcontainer\x18\n \x01(\t\x12\x18\n\x10rotation_degrees\x18\x0b \x01(\x05\x12\x13\n\x0b\x66rame_count\x18\x0c \x01(\x03\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63ontent_type\x18\x0e \x01(\t\"#\n\x0fGetVideoRequest\x12\x10\n\x08video_id\x18\x01 \x01(\t\":\n\x11ListVideosRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"P\n\x12ListVideosResponse\x12!\n\x06videos\x18\x01 \x03(\x0b\x32\x11.moments.v1.Video\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12\x44\x65leteVideoRequest\x12\x10\n\x08video_id\x18\x01 \x01(\t\"4\n\x13\x44\x65leteVideoResponse\x12\x1d\n\x15\x63\x61\x63he_entries_removed\x18\x01 \x01(\x05\"\xad\x01\n\x0fSamplingOptions\x12\x0f\n\x07max_fps\x18\x01 \x01(\x01\x12\x12\n\nmax_frames\x18\x02 \x01(\x05\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x05\x12/\n\x0cstart_offset\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"T\n\x11IndexVideoRequest\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.moments.v1.SamplingOptions\"\xdf\x01\n\rSearchOptions\x12,\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.moments.v1.SearchOptions.Mode\x12,\n\tmin_event\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmax_rounds\x18\x03 \x01(\x05\x12\x12\n\nmax_passes\x18\x04 \x01(\x05\x12\x19\n\x11max_visual_tokens\x18\x05 \x01(\x03\"/\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x07\n\x03OFF\x10\x01\x12\x08\n\x04\x41UTO\x10\x02\"\xbe\x01\n\x0fLocalizeRequest\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x03(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.moments.v1.SamplingOptions\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0emin_confidence\x18\x05 \x01(\x02\x12)\n\x06search\x18\x06 \x01(\x0b\x32\x19.moments.v1.SearchOptions\"}\n\x07Segment\x12/\n\x0cstart_offset\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"\x8a\x01\n\x0bQueryResult\x12\x13\n\x0bquery_index\x18\x01 \x01(\x05\x12\r\n\x05query\x18\x02 \x01(\t\x12%\n\x08segments\x18\x03 \x03(\x0b\x32\x13.moments.v1.Segment\x12\x12\n\nraw_answer\x18\x04 \x01(\t\x12\r\n\x05\x66ound\x18\x05 \x01(\x08\x12\r\n\x05score\x18\x06 \x01(\x02\"\xb6\x03\n\x08JobStats\x12\x13\n\x0bsampled_fps\x18\x01 \x01(\x01\x12\x0e\n\x06\x66rames\x18\x02 \x01(\x05\x12\x15\n\rvisual_tokens\x18\x03 \x01(\x05\x12\x13\n\x0b\x66rame_width\x18\x04 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\x05 \x01(\x05\x12\'\n\x05\x63\x61\x63he\x18\x06 \x01(\x0e\x32\x18.moments.v1.CacheOutcome\x12\x33\n\x08stage_ms\x18\x07 \x03(\x0b\x32!.moments.v1.JobStats.StageMsEntry\x12\x0e\n\x06worker\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x37\n\x12\x65\x66\x66\x65\x63tive_sampling\x18\x0b \x01(\x0b\x32\x1b.moments.v1.SamplingOptions\x12\x0e\n\x06rounds\x18\x0c \x01(\x05\x12\x0e\n\x06passes\x18\r \x01(\x05\x12\x1b\n\x13total_visual_tokens\x18\x0e \x01(\x03\x12\x0f\n\x07weights\x18\x0f \x01(\t\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"q\n\x10LocalizeResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.moments.v1.QueryResult\x12#\n\x05stats\x18\x03 \x01(\x0b\x32\x14.moments.v1.JobStats\"\x9e\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x14.moments.v1.ProgressH\x00\x12)\n\x06result\x18\x03 \x01(\x0b\x32\x17.moments.v1.QueryResultH\x00\x12$\n\x04\x64one\x18\x04 \x01(\x0b\x32\x14.moments.v1.JobStatsH\x00\x42\x07\n\x05\x65vent\"i\n\x08Progress\x12 \n\x05stage\x18\x01 \x01(\x0e\x32\x11.moments.v1.Stage\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x05*y\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nCACHE_MISS\x10\x01\x12\x14\n\x10\x43\x41\x43HE_HIT_TOKENS\x10\x02\x12\x10\n\x0c\x43\x41\x43HE_HIT_KV\x10\x03\x12\x12\n\x0e\x43\x41\x43HE_BYPASSED\x10\x04*\x7f\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0c\n\x08\x44\x45\x43ODING\x10\x02\x12\x0c\n\x08\x45NCODING\x10\x03\x12\x0e\n\nPREFILLING\x10\x04\x12\x0e\n\nGENERATING\x10\x05\x12\x08\n\x04\x44ONE\x10\x06\x12\r\n\tSEARCHING\x10\x07\x32\x96\x05\n\x07Moments\x12P\n\x0bUploadVideo\x12\x1e.moments.v1.UploadVideoRequest\x1a\x1f.moments.v1.UploadVideoResponse(\x01\x12N\n\x0bIngestVideo\x12\x1e.moments.v1.IngestVideoRequest\x1a\x1f.moments.v1.UploadVideoResponse\x12=\n\tGetUpload\x12\x1c.moments.v1.GetUploadRequest\x1a\x12.moments.v1.Upload\x12:\n\x08GetVideo\x12\x1b.moments.v1.GetVideoRequest\x1a\x11.moments.v1.Video\x12K\n\nListVideos\x12\x1d.moments.v1.ListVideosRequest\x1a\x1e.moments.v1.ListVideosResponse\x12N\n\x0b\x44\x65leteVideo\x12\x1e.moments.v1.DeleteVideoRequest\x1a\x1f.moments.v1.DeleteVideoResponse\x12\x43\n\nIndexVideo\x12\x1d.moments.v1.IndexVideoRequest\x1a\x14.moments.v1.JobEvent0\x01\x12\x45\n\x08Localize\x12\x1b.moments.v1.LocalizeRequest\x1a\x1c.moments.v1.LocalizeResponse\x12\x45\n\x0eStreamLocalize\x12\x1b.moments.v1.LocalizeRequest\x1a\x14.moments.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSTATS_STAGEMSENTRY']._loaded_options = None
   _globals['_JOBSTATS_STAGEMSENTRY']._serialized_options = b'8\001'
-  _globals['_CACHEOUTCOME']._serialized_start=3117
-  _globals['_CACHEOUTCOME']._serialized_end=3238
-  _globals['_STAGE']._serialized_start=3240
-  _globals['_STAGE']._serialized_end=3367
+  _globals['_CACHEOUTCOME']._serialized_start=3139
+  _globals['_CACHEOUTCOME']._serialized_end=3260
+  _globals['_STAGE']._serialized_start=3262
+  _globals['_STAGE']._serialized_end=3389
   _globals['_UPLOADHEADER']._serialized_start=105
   _globals['_UPLOADHEADER']._serialized_end=214
   _globals['_UPLOADCHUNK']._serialized_start=216
@@ -54,41 +54,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOAD']._serialized_start=611
   _globals['_UPLOAD']._serialized_end=748
   _globals['_VIDEO']._serialized_start=751
-  _globals['_VIDEO']._serialized_end=1069
-  _globals['_GETVIDEOREQUEST']._serialized_start=1071
-  _globals['_GETVIDEOREQUEST']._serialized_end=1106
-  _globals['_LISTVIDEOSREQUEST']._serialized_start=1108
-  _globals['_LISTVIDEOSREQUEST']._serialized_end=1166
-  _globals['_LISTVIDEOSRESPONSE']._serialized_start=1168
-  _globals['_LISTVIDEOSRESPONSE']._serialized_end=1248
-  _globals['_DELETEVIDEOREQUEST']._serialized_start=1250
-  _globals['_DELETEVIDEOREQUEST']._serialized_end=1288
-  _globals['_DELETEVIDEORESPONSE']._serialized_start=1290
-  _globals['_DELETEVIDEORESPONSE']._serialized_end=1342
-  _globals['_SAMPLINGOPTIONS']._serialized_start=1345
-  _globals['_SAMPLINGOPTIONS']._serialized_end=1518
-  _globals['_INDEXVIDEOREQUEST']._serialized_start=1520
-  _globals['_INDEXVIDEOREQUEST']._serialized_end=1604
-  _globals['_SEARCHOPTIONS']._serialized_start=1607
-  _globals['_SEARCHOPTIONS']._serialized_end=1830
-  _globals['_SEARCHOPTIONS_MODE']._serialized_start=1783
-  _globals['_SEARCHOPTIONS_MODE']._serialized_end=1830
-  _globals['_LOCALIZEREQUEST']._serialized_start=1833
-  _globals['_LOCALIZEREQUEST']._serialized_end=2023
-  _globals['_SEGMENT']._serialized_start=2025
-  _globals['_SEGMENT']._serialized_end=2150
-  _globals['_QUERYRESULT']._serialized_start=2153
-  _globals['_QUERYRESULT']._serialized_end=2291
-  _globals['_JOBSTATS']._serialized_start=2294
-  _globals['_JOBSTATS']._serialized_end=2732
-  _globals['_JOBSTATS_STAGEMSENTRY']._serialized_start=2686
-  _globals['_JOBSTATS_STAGEMSENTRY']._serialized_end=2732
-  _globals['_LOCALIZERESPONSE']._serialized_start=2734
-  _globals['_LOCALIZERESPONSE']._serialized_end=2847
-  _globals['_JOBEVENT']._serialized_start=2850
-  _globals['_JOBEVENT']._serialized_end=3008
-  _globals['_PROGRESS']._serialized_start=3010
-  _globals['_PROGRESS']._serialized_end=3115
-  _globals['_MOMENTS']._serialized_start=3370
-  _globals['_MOMENTS']._serialized_end=4032
+  _globals['_VIDEO']._serialized_end=1091
+  _globals['_GETVIDEOREQUEST']._serialized_start=1093
+  _globals['_GETVIDEOREQUEST']._serialized_end=1128
+  _globals['_LISTVIDEOSREQUEST']._serialized_start=1130
+  _globals['_LISTVIDEOSREQUEST']._serialized_end=1188
+  _globals['_LISTVIDEOSRESPONSE']._serialized_start=1190
+  _globals['_LISTVIDEOSRESPONSE']._serialized_end=1270
+  _globals['_DELETEVIDEOREQUEST']._serialized_start=1272
+  _globals['_DELETEVIDEOREQUEST']._serialized_end=1310
+  _globals['_DELETEVIDEORESPONSE']._serialized_start=1312
+  _globals['_DELETEVIDEORESPONSE']._serialized_end=1364
+  _globals['_SAMPLINGOPTIONS']._serialized_start=1367
+  _globals['_SAMPLINGOPTIONS']._serialized_end=1540
+  _globals['_INDEXVIDEOREQUEST']._serialized_start=1542
+  _globals['_INDEXVIDEOREQUEST']._serialized_end=1626
+  _globals['_SEARCHOPTIONS']._serialized_start=1629
+  _globals['_SEARCHOPTIONS']._serialized_end=1852
+  _globals['_SEARCHOPTIONS_MODE']._serialized_start=1805
+  _globals['_SEARCHOPTIONS_MODE']._serialized_end=1852
+  _globals['_LOCALIZEREQUEST']._serialized_start=1855
+  _globals['_LOCALIZEREQUEST']._serialized_end=2045
+  _globals['_SEGMENT']._serialized_start=2047
+  _globals['_SEGMENT']._serialized_end=2172
+  _globals['_QUERYRESULT']._serialized_start=2175
+  _globals['_QUERYRESULT']._serialized_end=2313
+  _globals['_JOBSTATS']._serialized_start=2316
+  _globals['_JOBSTATS']._serialized_end=2754
+  _globals['_JOBSTATS_STAGEMSENTRY']._serialized_start=2708
+  _globals['_JOBSTATS_STAGEMSENTRY']._serialized_end=2754
+  _globals['_LOCALIZERESPONSE']._serialized_start=2756
+  _globals['_LOCALIZERESPONSE']._serialized_end=2869
+  _globals['_JOBEVENT']._serialized_start=2872
+  _globals['_JOBEVENT']._serialized_end=3030
+  _globals['_PROGRESS']._serialized_start=3032
+  _globals['_PROGRESS']._serialized_end=3137
+  _globals['_MOMENTS']._serialized_start=3392
+  _globals['_MOMENTS']._serialized_end=4054
 # @@protoc_insertion_point(module_scope)

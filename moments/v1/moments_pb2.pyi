@@ -116,7 +116,7 @@ class Upload(_message.Message):
     def __init__(self, upload_id: _Optional[str] = ..., committed_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Video(_message.Message):
-    __slots__ = ("video_id", "filename", "size_bytes", "duration", "native_fps", "variable_frame_rate", "width", "height", "codec", "container", "rotation_degrees", "frame_count", "create_time")
+    __slots__ = ("video_id", "filename", "size_bytes", "duration", "native_fps", "variable_frame_rate", "width", "height", "codec", "container", "rotation_degrees", "frame_count", "create_time", "content_type")
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class Video(_message.Message):
     ROTATION_DEGREES_FIELD_NUMBER: _ClassVar[int]
     FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     video_id: str
     filename: str
     size_bytes: int
@@ -143,7 +144,8 @@ class Video(_message.Message):
     rotation_degrees: int
     frame_count: int
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, video_id: _Optional[str] = ..., filename: _Optional[str] = ..., size_bytes: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., native_fps: _Optional[float] = ..., variable_frame_rate: _Optional[bool] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., codec: _Optional[str] = ..., container: _Optional[str] = ..., rotation_degrees: _Optional[int] = ..., frame_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    content_type: str
+    def __init__(self, video_id: _Optional[str] = ..., filename: _Optional[str] = ..., size_bytes: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., native_fps: _Optional[float] = ..., variable_frame_rate: _Optional[bool] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., codec: _Optional[str] = ..., container: _Optional[str] = ..., rotation_degrees: _Optional[int] = ..., frame_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., content_type: _Optional[str] = ...) -> None: ...
 
 class GetVideoRequest(_message.Message):
     __slots__ = ("video_id",)
