@@ -17,7 +17,7 @@ import redis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from moments.app.client import MomentsClient
+from moments.app.client import NO_RETRY, MomentsClient
 from moments.core import keys
 from moments.core.records import SamplingRequest
 from moments.tools.synthetic import Event, write_event_video
@@ -107,7 +107,7 @@ def test_fatal_device_error_takes_worker_out_and_job_survives(redis_url, stack_f
 
 
 def test_no_workers_means_unavailable_quickly(redis_url, stack_factory, video_file):
-    with stack_factory(workers=0) as s, MomentsClient(s.target) as client:
+    with stack_factory(workers=0) as s, MomentsClient(s.target, retry=NO_RETRY) as client:
         video_id = client.upload(video_file).video.video_id
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
@@ -119,7 +119,7 @@ def test_no_workers_means_unavailable_quickly(redis_url, stack_factory, video_fi
 def test_all_workers_stop_mid_job_gives_unavailable_within_deadline(redis_url, stack_factory,
                                                                     video_file):
     with stack_factory(faults={"encode_sleep_s": 2.0}) as s, \
-            MomentsClient(s.target) as client:
+            MomentsClient(s.target, retry=NO_RETRY) as client:
         video_id = client.upload(video_file).video.video_id
         thread, box = call_in_thread(client.localize, video_id, ["q"], timeout_s=60)
         running_worker(redis.Redis.from_url(s.settings.redis_url))
@@ -132,7 +132,7 @@ def test_all_workers_stop_mid_job_gives_unavailable_within_deadline(redis_url, s
 
 def test_full_queue_gets_resource_exhausted_with_retry_info(redis_url, stack_factory, video_file):
     with stack_factory(faults={"encode_sleep_s": 1.0},
-                    max_queue_jobs=1) as s, MomentsClient(s.target) as client:
+                    max_queue_jobs=1) as s, MomentsClient(s.target, retry=NO_RETRY) as client:
         video_id = client.upload(video_file).video.video_id
         thread, box = call_in_thread(client.localize, video_id, ["first"], timeout_s=120)
         running_worker(redis.Redis.from_url(s.settings.redis_url))
