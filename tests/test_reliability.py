@@ -4,7 +4,6 @@ lost?"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
