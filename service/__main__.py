@@ -13,8 +13,8 @@ from moments.service.server import start_front_end
 async def main() -> None:
     settings = Settings.from_env()
     setup_logging(settings.log_level, settings.log_json)
-    if not settings.redis_url:
-        raise SystemExit("set MOMENTS_REDIS_URL")
+    if not settings.redis_configured:
+        raise SystemExit("set MOMENTS_REDIS_URL or MOMENTS_REDIS_SENTINELS")
     front = await start_front_end(settings)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

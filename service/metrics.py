@@ -20,3 +20,5 @@ STAGE_SECONDS = Histogram(
 QUEUE_DEPTH = Gauge("moments_queue_jobs", "Jobs submitted and not finished")
 CACHE_EVENTS = Counter("moments_token_cache_total", "Visual-token cache outcomes of jobs", ["outcome"])
 UPLOAD_BYTES = Counter("moments_upload_bytes_total", "Bytes received by UploadVideo")
+JOBS_LOST = Counter("moments_jobs_lost_total", "Jobs whose record vanished from Redis while a caller waited "
+                                               "(failover or restart); the caller got ABORTED JOB_LOST")

@@ -53,7 +53,7 @@ class FrontEnd:
 
 
 async def start_front_end(settings: Settings) -> FrontEnd:
-    redis = connect(settings.redis_url)
+    redis = connect(settings)
     blobs = open_blob_store(settings)
     catalog = VideoCatalog(redis, blobs)
     uploads = Uploads(settings, redis, blobs, catalog)

@@ -23,6 +23,12 @@ def _any(message) -> any_pb2.Any:
     return packed
 
 
+def _duration(seconds: float) -> duration_pb2.Duration:
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(int(seconds * 1000))
+    return delay
+
+
 def to_status(exc: BaseException) -> grpc.Status:
     """Build the rich status for a domain error; anything unknown becomes INTERNAL."""
     details: list[any_pb2.Any] = []
@@ -49,15 +55,18 @@ def to_status(exc: BaseException) -> grpc.Status:
             details.append(_any(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)))
     elif isinstance(exc, errors.ResourceExhausted):
         code = code_pb2.RESOURCE_EXHAUSTED
-        delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(exc.retry_after_s * 1000))
-        details.append(_any(error_details_pb2.RetryInfo(retry_delay=delay)))
+        details.append(_any(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))
     elif isinstance(exc, errors.Unavailable):
         code = code_pb2.UNAVAILABLE
     elif isinstance(exc, errors.Unauthenticated):
         code = code_pb2.UNAUTHENTICATED
     elif isinstance(exc, errors.DeadlineExceeded):
         code = code_pb2.DEADLINE_EXCEEDED
+    elif isinstance(exc, errors.JobLost):
+        code = code_pb2.ABORTED
+        details.append(_any(error_details_pb2.ErrorInfo(reason="JOB_LOST", domain=DOMAIN,
+                                                        metadata={"job_id": exc.job_id})))
+        details.append(_any(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))
     elif isinstance(exc, errors.JobFailed):
         code = code_pb2.ABORTED
         details.append(_any(error_details_pb2.ErrorInfo(reason="JOB_FAILED", domain=DOMAIN,

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from moments.core import errors, jobs, keys
 from moments.core.config import Settings
 from moments.core.jobs import Event
-from moments.core.records import Job
+from moments.core.records import EVENT_RESULT, Job
 from moments.service import metrics
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,16 @@ class JobClient:
     async def events(self, job_id: str, deadline_s: float) -> AsyncIterator[Event]:
         """Yield the job's events until it is done or failed.
 
-        Raises DeadlineExceeded at ``deadline_s`` and Unavailable when every worker is gone; in
-        both cases, and when the caller goes away, the job is asked to stop.
+        Raises DeadlineExceeded at ``deadline_s``, Unavailable when every worker is gone, and
+        JobLost within about ``READ_BLOCK_MS`` once the job's record has vanished (a failover
+        dropped it): in each case, and when the caller goes away, the job is asked to stop. A
+        query's result is yielded once, even when a rerun of the job (after a lost lease or a
+        failover) publishes it again.
         """
         last_id = "0-0"
         finished = False
         last_beat_s = time.time()
+        seen_results: set[int] = set()
         await self.redis.hincrby(keys.job(job_id), "waiters", 1)
         try:
             while True:
@@ -92,8 +96,7 @@ class JobClient:
                 block_ms = int(min(READ_BLOCK_MS, remaining_s * 1000)) or 1
                 reply = await self.redis.xread({keys.job_events(job_id): last_id}, block=block_ms)
                 if not reply:
-                    if not await self.redis.exists(keys.job(job_id)):
-                        raise errors.Unavailable(f"job {job_id} was lost (Redis restarted without it)")
+                    await self._check_alive(job_id)
                     last_beat_s = max(last_beat_s, await self.newest_heartbeat())
                     if time.time() - last_beat_s > self.settings.worker_stale_s:
                         raise errors.Unavailable(f"every worker stopped; job {job_id} was not finished")
@@ -101,6 +104,11 @@ class JobClient:
                 for entry_id, fields in reply[0][1]:
                     last_id = entry_id
                     event = Event.from_fields(fields)
+                    if event.kind == EVENT_RESULT:
+                        index = int(event.data.get("query_index", -1))
+                        if index in seen_results:
+                            continue
+                        seen_results.add(index)
                     if event.kind in (jobs.DONE, jobs.FAILED):
                         finished = True
                     yield event
@@ -110,10 +118,23 @@ class JobClient:
             if not finished:
                 await self._abandon(job_id)
 
+    async def _check_alive(self, job_id: str) -> None:
+        """Raise JobLost when the job's record is gone: its payload is what a worker needs, and
+        only a lost write (a failover to a replica behind the primary, a restart) removes it while
+        the job is open. What is left of it (a waiter count) is dropped."""
+        if await self.redis.hexists(keys.job(job_id), "payload"):
+            return
+        await self.redis.delete(keys.job(job_id), keys.job_events(job_id))
+        metrics.JOBS_LOST.inc()
+        log.warning("job %s lost: its record vanished from Redis (failover or restart); the caller "
+                    "is told to submit it again", job_id)
+        raise errors.JobLost(f"job {job_id} was lost (Redis failed over or restarted without it); "
+                             "call again to resubmit", job_id=job_id)
+
     async def _abandon(self, job_id: str) -> None:
         try:
-            if not await self.redis.exists(keys.job(job_id)):
-                return  # lost with a Redis restart: nothing to stop
+            if not await self.redis.hexists(keys.job(job_id), "payload"):
+                return  # lost with a failover or restart: nothing to stop
             waiters = await self.redis.hincrby(keys.job(job_id), "waiters", -1)
             if waiters <= 0:
                 await self.redis.set(keys.job_cancel(job_id), 1, ex=jobs.EVENTS_TTL_S)

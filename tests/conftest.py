@@ -33,12 +33,14 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free loopback port, restartable for fault tests."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = False, appendfsync: str = "always") -> None:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.appendonly = appendonly
-        """Keep an append-only file (fsync on every write), so a restart keeps everything written."""
+        """Keep an append-only file, fsynced per ``appendfsync`` (``always``: a restart keeps every
+        write; ``everysec``, the production setting: Redis writes the file at once, fsyncs each second)."""
+        self.appendfsync = appendfsync
 
     @property
     def url(self) -> str:
@@ -49,7 +51,7 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed (.ci/run installs it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
+        persist = ["--appendonly", "yes", "--appendfsync", self.appendfsync] if self.appendonly else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persist,
              "--dir", str(self.workdir)],

@@ -4,7 +4,6 @@ lost?"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -17,9 +16,10 @@ import redis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from moments.app.client import MomentsClient
+from moments.app.client import NO_RETRY, MomentsClient
 from moments.core import keys
 from moments.core.records import SamplingRequest
+from moments.core.token_index import corrupt_entries
 from moments.tools.synthetic import Event, write_event_video
 from tests.conftest import RedisServer
 
@@ -32,14 +32,24 @@ def video_file(tmp_path_factory):
                              seconds=8, fps=6)
 
 
-def running_worker(r: redis.Redis, timeout_s: float = 60.0) -> str:
+def running_worker(r: redis.Redis, timeout_s: float = 180.0) -> str:
+    """The worker of the first job seen running. Waits on the condition with a generous deadline
+    (a loaded 2-core machine can take long to start a worker's first job); a job that finished
+    before it was seen says so instead of timing out."""
     deadline = time.monotonic() + timeout_s
+    finished = []
     while time.monotonic() < deadline:
-        for job_key in r.scan_iter(match="moments:job:*"):
-            if job_key.count(b":") == 2 and r.hget(job_key, "state") == b"running":
-                return r.hget(job_key, "worker").decode()
-        time.sleep(0.05)
-    raise AssertionError("no job started running")
+        finished = []
+        for job_key in r.scan_iter(match="moments:job:*", count=1000):
+            if job_key.count(b":") != 2:
+                continue
+            state, worker = r.hmget(job_key, "state", "worker")
+            if state == b"running" and worker:
+                return worker.decode()
+            if state in (b"done", b"failed") and worker:
+                finished.append(job_key)
+        time.sleep(0.02)
+    raise AssertionError(f"no job was seen running within {timeout_s} s (finished meanwhile: {finished})")
 
 
 def call_in_thread(fn, *args, **kwargs):
@@ -107,7 +117,7 @@ def test_fatal_device_error_takes_worker_out_and_job_survives(redis_url, stack_f
 
 
 def test_no_workers_means_unavailable_quickly(redis_url, stack_factory, video_file):
-    with stack_factory(workers=0) as s, MomentsClient(s.target) as client:
+    with stack_factory(workers=0) as s, MomentsClient(s.target, retry=NO_RETRY) as client:
         video_id = client.upload(video_file).video.video_id
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
@@ -119,7 +129,7 @@ def test_no_workers_means_unavailable_quickly(redis_url, stack_factory, video_fi
 def test_all_workers_stop_mid_job_gives_unavailable_within_deadline(redis_url, stack_factory,
                                                                     video_file):
     with stack_factory(faults={"encode_sleep_s": 2.0}) as s, \
-            MomentsClient(s.target) as client:
+            MomentsClient(s.target, retry=NO_RETRY) as client:
         video_id = client.upload(video_file).video.video_id
         thread, box = call_in_thread(client.localize, video_id, ["q"], timeout_s=60)
         running_worker(redis.Redis.from_url(s.settings.redis_url))
@@ -132,7 +142,7 @@ def test_all_workers_stop_mid_job_gives_unavailable_within_deadline(redis_url, s
 
 def test_full_queue_gets_resource_exhausted_with_retry_info(redis_url, stack_factory, video_file):
     with stack_factory(faults={"encode_sleep_s": 1.0},
-                    max_queue_jobs=1) as s, MomentsClient(s.target) as client:
+                    max_queue_jobs=1) as s, MomentsClient(s.target, retry=NO_RETRY) as client:
         video_id = client.upload(video_file).video.video_id
         thread, box = call_in_thread(client.localize, video_id, ["first"], timeout_s=120)
         running_worker(redis.Redis.from_url(s.settings.redis_url))
@@ -166,25 +176,46 @@ def test_expired_deadline_cancels_the_job(redis_url, stack_factory, video_file):
         assert "cancel" in outcome["reason"] or "deadline" in outcome["reason"]
 
 
-def corrupt_entries(r: redis.Redis) -> list[str]:
-    """Token-cache entries whose chunks do not add up to their manifest's checksum."""
-    bad = []
-    for name in r.scan_iter(match="moments:tok:*:manifest"):
-        manifest = json.loads(r.get(name))
-        base = name.decode().removesuffix(":manifest")
-        data = b"".join(r.get(f"{base}:chunk:{i}") or b"" for i in range(manifest["chunks"]))
-        if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-            bad.append(base)
-    return bad
+def test_cache_check_catches_a_corrupt_entry(redis_url):
+    """The self-test of the check the restart test and the chaos run rely on: one flipped byte in
+    one chunk of a real entry (written by the worker's TokenCache) is reported, the others not."""
+    import asyncio
+
+    import torch
+
+    from moments.core.redis_client import connect
+    from moments.workers.model.engine import VisualTokens
+    from moments.workers.token_cache import TokenCache
+
+    async def write():
+        client = connect(redis_url)
+        cache = TokenCache(client, ttl_s=600, chunk_bytes=1024)
+        for key in ("a", "b"):
+            tokens = VisualTokens(embeds=torch.arange(4096, dtype=torch.float32).reshape(64, 64), grid_thw=(2, 8, 8),
+                                  second_per_grid_ts=1.0, frame_times_s=(0.0, 1.0), fingerprint="f")
+            await cache.put(key, "v" * 64, tokens)
+        await client.aclose()
+
+    asyncio.run(write())
+    r = redis.Redis.from_url(redis_url)
+    assert corrupt_entries(r) == []
+    chunk = keys.token_cache_chunk("b", 2)
+    data = bytearray(r.get(chunk))
+    data[5] ^= 0xFF
+    r.set(chunk, bytes(data))
+    assert corrupt_entries(r) == [keys.token_cache_manifest("b").removesuffix(":manifest")]
 
 
 def test_redis_restart_mid_job_keeps_every_entry_whole(stack_factory, tmp_path, video_file):
-    """A Redis with an append-only file, killed while a worker encodes: the call ends (answer or a
-    retryable error), and what Redis kept is whole: the video, and every cached token entry."""
-    server = RedisServer(tmp_path / "aof", appendonly=True)
+    """A Redis with an append-only file fsynced every second (the production setting, so the last
+    second of writes can be lost: the check below can fail), killed while a worker encodes: the
+    call ends (answer or a retryable error), and what Redis kept is whole: the video, and every
+    cached token entry (``test_cache_check_catches_a_corrupt_entry`` shows the check fails on a
+    bad one)."""
+    server = RedisServer(tmp_path / "aof", appendonly=True, appendfsync="everysec")
     server.start()
     try:
-        with stack_factory(redis_url=server.url, faults={"encode_sleep_s": 1.0}) as s, \
+        with stack_factory(redis_url=server.url, faults={"encode_sleep_s": 2.0}) as s, \
                 MomentsClient(s.target) as client:
             video_id = client.upload(video_file).video.video_id
             client.localize(video_id, ["warm the token cache"], timeout_s=60)
@@ -193,7 +224,7 @@ def test_redis_restart_mid_job_keeps_every_entry_whole(stack_factory, tmp_path, 
             running_worker(server.client())
             server.stop()  # SIGKILL: no shutdown save; only the append-only file survives
             server.start()
-            thread.join(60)
+            thread.join(120)
             assert not thread.is_alive(), "the call hung"
             if "error" in box:
                 assert box["error"].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)

@@ -5,6 +5,11 @@ entries idle past the lease in other consumers' lists (XAUTOCLAIM: their worker 
 entries. A job is acknowledged only after its result (or its final failure) is stored. While a job
 runs, its entry's idle time is reset every few seconds (XCLAIM ... JUSTID), so live work is never
 stolen. Retries are bounded; the last failure goes to the dead-letter stream.
+
+Each delivery takes the job's lease (a fresh token in the job hash); its events, its hold, its
+final state and its XACK are fenced by that token (``moments.workers.fencing``). A worker that was
+stopped past the lease and then continues finds another token there: it drops the job without
+writing anything, so a job has one result however often it was delivered.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from moments.core import errors, jobs, keys
 from moments.core.config import Settings
 from moments.core.jobs import Event
 from moments.core.records import EVENT_PROGRESS, EVENT_RESULT, Job, JobStats, QueryResult, VideoInfo, progress_data
+from moments.workers.fencing import Fence, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +55,21 @@ class JobCancelled(Exception):
 class JobContext:
     """What a running job may do: publish events, check whether it should stop."""
 
-    def __init__(self, redis: aioredis.Redis, job: Job, attempt: int) -> None:
+    def __init__(self, redis: aioredis.Redis, job: Job, attempt: int, fence: Fence | None = None,
+                 token: str = "") -> None:
         self.redis = redis
         self.job = job
         self.attempt = attempt
+        self.fence = fence
+        self.token = token
+        self.lease_lost = False
+        """Set when the hold found another delivery's token: the next check stops the job."""
 
     async def emit(self, kind: str, data: dict) -> None:
-        await self.redis.xadd(keys.job_events(self.job.job_id), Event(kind, data).to_fields())
+        if self.fence is None:
+            await self.redis.xadd(keys.job_events(self.job.job_id), Event(kind, data).to_fields())
+            return
+        await self.fence.emit(self.job.job_id, self.token, Event(kind, data).to_fields())
 
     async def progress(self, stage: str, done: int = 0, total: int = 0, message: str = "", round: int = 0) -> None:
         await self.emit(EVENT_PROGRESS, progress_data(stage, done, total, message, round))
@@ -64,6 +78,8 @@ class JobContext:
         await self.emit(EVENT_RESULT, result.to_dict())
 
     async def check_cancelled(self) -> None:
+        if self.lease_lost:
+            raise LeaseLost(f"job {self.job.job_id}: another delivery holds the lease")
         if self.job.deadline_s and time.time() > self.job.deadline_s:
             raise JobCancelled("deadline passed")
         if await self.redis.exists(keys.job_cancel(self.job.job_id)):
@@ -88,6 +104,9 @@ class JobLoop:
         self._running: dict[str, asyncio.Task] = {}
         self._fatal: BaseException | None = None
         self.jobs_done = 0
+        self.fence = Fence(redis)
+        self.fenced_out = 0
+        """Deliveries dropped because another one held the job's lease (e.g. after SIGSTOP)."""
 
     def stop(self) -> None:
         self._stopping.set()
@@ -215,28 +234,31 @@ class JobLoop:
                              dead_letter=True)
             return
         started = time.monotonic()
-        await self.redis.hset(keys.job(job_id), mapping={"state": jobs.RUNNING, "worker": self.name})
+        token = await self.fence.take(job_id, self.name, attempt)
         if len(self._running) >= self.concurrency:  # full: affinity hands it no more jobs
             await self.redis.hset(keys.WORKERS_BUSY, self.name, job_id)
         log.info("job %s running video=%s attempt=%d", job_id, job.video_id, attempt)
-        hold = asyncio.create_task(self._hold(entry_id))
-        context = JobContext(self.redis, job, attempt)
+        context = JobContext(self.redis, job, attempt, self.fence, token)
+        hold = asyncio.create_task(self._hold(entry_id, context))
         try:
             await context.check_cancelled()
             stats = await self.handler.run(work, context)
+        except LeaseLost:
+            self._fenced(job)
+            return
         except JobCancelled as exc:
-            await self._fail(entry_id, job, str(exc))
+            await self._fail(entry_id, job, str(exc), token=token)
             return
         except errors.FatalDeviceError:
             log.critical("job %s hit a fatal device error; leaving the group", job_id)
             self.stop()
             raise
         except CALLER_FAULTS as exc:
-            await self._fail(entry_id, job, str(exc))
+            await self._fail(entry_id, job, str(exc), token=token)
             return
         except Exception as exc:  # noqa: BLE001 - a model error (or a bug) fails the job, not the worker
             log.exception("job %s attempt %d failed", job_id, attempt)
-            await self._retry_or_fail(entry_id, job, attempt, f"{type(exc).__name__}: {exc}")
+            await self._retry_or_fail(entry_id, job, attempt, f"{type(exc).__name__}: {exc}", token)
             return
         finally:
             hold.cancel()
@@ -245,7 +267,9 @@ class JobLoop:
         stats.attempt = attempt
         stats.stage_ms["total"] = (time.monotonic() - started) * 1000
         stats.stage_ms["queue"] = max(0.0, (time.time() - job.created_s) * 1000 - stats.stage_ms["total"])
-        await self._finish(entry_id, job, jobs.DONE, stats.__dict__)
+        if not await self._finish(entry_id, job, jobs.DONE, stats.__dict__, token=token):
+            self._fenced(job)
+            return
         self.jobs_done += 1
         log.info("job %s done video=%s in %.0f ms (cache %s)", job_id, job.video_id,
                  stats.stage_ms["total"], stats.cache)
@@ -268,51 +292,49 @@ class JobLoop:
         log.info("job %s handed to %s, which holds its KV prefix", job.job_id, target)
         return True
 
-    async def _hold(self, entry_id) -> None:
-        """Reset the entry's idle time so XAUTOCLAIM never takes live work."""
+    def _fenced(self, job: Job) -> None:
+        self.fenced_out += 1
+        log.warning("job %s dropped: another delivery holds its lease (this worker was stopped or "
+                    "cut off past the lease); nothing written", job.job_id)
+
+    async def _hold(self, entry_id, context: JobContext) -> None:
+        """Reset the entry's idle time so XAUTOCLAIM never takes live work, while this delivery
+        holds the lease; once another holds it, mark the context so the job stops."""
         interval_s = max(0.5, self.settings.job_lease_s / 4)
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.redis.xclaim(
-                    keys.JOBS_STREAM, keys.JOBS_GROUP, self.name, 0, [entry_id], justid=True
-                )
+                if not await self.fence.hold(context.job.job_id, context.token, self.name, entry_id):
+                    context.lease_lost = True
+                    return
             except Exception:  # noqa: BLE001
                 log.warning("could not refresh the hold on %s", entry_id)
 
-    async def _retry_or_fail(self, entry_id, job: Job, attempt: int, reason: str) -> None:
-        await self.redis.hset(keys.job(job.job_id), "last_error", reason)
+    async def _retry_or_fail(self, entry_id, job: Job, attempt: int, reason: str, token: str) -> None:
         if attempt >= self.settings.job_max_attempts:
-            await self._fail(entry_id, job, f"failed {attempt} times: {reason}", dead_letter=True)
+            await self.redis.hset(keys.job(job.job_id), "last_error", reason)
+            await self._fail(entry_id, job, f"failed {attempt} times: {reason}", dead_letter=True, token=token)
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job(job.job_id), "state", jobs.QUEUED)
-            pipe.xadd(keys.JOBS_STREAM, {"job_id": job.job_id})
-            pipe.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
-            await pipe.execute()
+        if not await self.fence.requeue(job.job_id, token, entry_id, reason):
+            self._fenced(job)
+            return
         log.info("job %s requeued after attempt %d: %s", job.job_id, attempt, reason)
 
-    async def _fail(self, entry_id, job: Job, reason: str, *, dead_letter: bool = False) -> None:
+    async def _fail(self, entry_id, job: Job, reason: str, *, dead_letter: bool = False, token: str = "") -> None:
+        if not await self._finish(entry_id, job, jobs.FAILED, {"reason": reason}, token=token):
+            if token:
+                self._fenced(job)
+            return
+        log.info("job %s failed video=%s: %s", job.job_id, job.video_id, reason)
         if dead_letter:
             await self.redis.xadd(
                 keys.DEAD_LETTER_STREAM,
                 {"job_id": job.job_id, "video_id": job.video_id, "reason": reason, "time": time.time()},
             )
-        log.info("job %s failed video=%s: %s", job.job_id, job.video_id, reason)
-        await self._finish(entry_id, job, jobs.FAILED, {"reason": reason})
 
-    async def _finish(self, entry_id, job: Job, state: str, data: dict) -> None:
-        dedupe = await self.redis.hget(keys.job(job.job_id), "dedupe")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job(job.job_id), mapping={"state": state, "outcome": Event(state, data).to_fields()["data"]})
-            pipe.xadd(keys.job_events(job.job_id), Event(state, data).to_fields())
-            pipe.expire(keys.job(job.job_id), jobs.EVENTS_TTL_S)
-            pipe.expire(keys.job_events(job.job_id), jobs.EVENTS_TTL_S)
-            pipe.zrem(keys.OPEN_JOBS, job.job_id)
-            if dedupe:
-                pipe.delete(dedupe.decode())
-            pipe.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
-            await pipe.execute()
+    async def _finish(self, entry_id, job: Job, state: str, data: dict, *, token: str = "") -> bool:
+        """Store the final state and acknowledge, fenced by ``token`` ('' before a lease was taken)."""
+        return await self.fence.finish(job.job_id, token, entry_id, state, Event(state, data).to_fields()["data"])
 
     async def _ack(self, entry_id) -> None:
         await self.redis.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)

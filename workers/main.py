@@ -40,7 +40,7 @@ async def run_worker(settings: Settings, engine: Engine | None = None, *, ready:
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     if engine is None:
         engine = await asyncio.to_thread(load_engine, settings)
-    redis = connect(settings.redis_url, socket_timeout_s=30.0)
+    redis = connect(settings, socket_timeout_s=30.0)
     pipeline = Pipeline(
         settings,
         engine,

@@ -59,8 +59,8 @@ def cmd_worker(args) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level, settings.log_json)
-    if not settings.redis_url:
-        print("moments worker needs MOMENTS_REDIS_URL / --redis-url", file=sys.stderr)
+    if not settings.redis_configured:
+        print("moments worker needs MOMENTS_REDIS_URL / --redis-url (or MOMENTS_REDIS_SENTINELS)", file=sys.stderr)
         return 2
     if missing_local_model(settings.model):
         print(f"moments worker: the model directory {settings.model} does not exist", file=sys.stderr)

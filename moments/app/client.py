@@ -2,6 +2,12 @@
 
 Uploads resume by themselves: the client remembers each file's upload id (by sha256) and, after a
 cut stream or a FAILED_PRECONDITION, continues from the server's committed offset.
+
+Calls that run a job (Localize, StreamLocalize, IndexVideo) and the video calls retry what the
+server calls retryable (:func:`retry_delay_s`): UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED with a
+RetryInfo (JOB_LOST: a failover dropped the job, so calling again resubmits it), waiting the
+server's ``retry_delay`` or backing off, at most ``RetryPolicy.attempts`` times. A retried stream
+yields each query's result once.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
@@ -27,6 +34,67 @@ DEFAULT_STATE = "~/.cache/moments/uploads.json"
 Progress = Callable[[int, int], None]
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the client retries retryable errors (``attempts`` 1 = never)."""
+
+    attempts: int = 6
+    backoff_s: float = 0.2
+    """First wait without a server RetryInfo; doubles per attempt up to ``max_delay_s``."""
+    max_delay_s: float = 60.0
+    """Longest wait, also for a server's RetryInfo (a full disk asks for 60 s)."""
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+def retry_delay_s(exc: grpc.RpcError, attempt: int, policy: RetryPolicy) -> float | None:
+    """Seconds to wait before retrying ``exc`` (the ``attempt``-th failure, from 0), or None when the
+    error is not retryable: UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED carrying a RetryInfo are."""
+    code = exc.code() if hasattr(exc, "code") else None
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED):
+        return None
+    server_delay = _retry_info_s(exc)
+    if code == grpc.StatusCode.ABORTED and server_delay is None:
+        return None  # JOB_FAILED: the same request fails the same way
+    backoff = policy.backoff_s * 2**attempt
+    return min(policy.max_delay_s, server_delay if server_delay is not None else backoff)
+
+
+def _with_retries(policy: RetryPolicy, call: Callable, what: str):
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            delay = retry_delay_s(exc, attempt, policy)
+            if delay is None or attempt + 1 >= policy.attempts:
+                raise
+            log.info("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _stream_with_retries(policy: RetryPolicy, call: Callable, what: str) -> Iterator[pb.JobEvent]:
+    """Events of a job stream; on a retryable error the call is made again (it joins the open job
+    or submits it anew) and results already yielded are not yielded again."""
+    seen: set[int] = set()
+    for attempt in range(policy.attempts):
+        try:
+            for event in call():
+                if event.WhichOneof("event") == "result":
+                    if event.result.query_index in seen:
+                        continue
+                    seen.add(event.result.query_index)
+                yield event
+            return
+        except grpc.RpcError as exc:
+            delay = retry_delay_s(exc, attempt, policy)
+            if delay is None or attempt + 1 >= policy.attempts:
+                raise
+            log.info("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), delay)
+            time.sleep(delay)
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -120,7 +188,8 @@ class MomentsClient:
 
     def __init__(self, target: str, *, api_key: str | None = None, tls_root_ca: bytes | None = None,
                  tls_cert: bytes | None = None, tls_key: bytes | None = None,
-                 state_path: str | os.PathLike | None = None) -> None:
+                 state_path: str | os.PathLike | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
+        self.retry = retry
         if tls_root_ca is not None:
             self.channel = grpc.secure_channel(target, _credentials(tls_root_ca, tls_cert, tls_key),
                                                options=channel_options())
@@ -171,10 +240,12 @@ class MomentsClient:
                 remembered = _upload_id_from(exc)
                 if remembered:
                     self.resume.remember(sha256, remembered)
-                if exc.code() not in RETRYABLE:
+                delay = retry_delay_s(exc, attempt, self.retry)
+                if exc.code() not in RETRYABLE and delay is None:
                     raise
                 log.warning("upload interrupted (%s); resuming", exc.code().name)
-                time.sleep(min(0.2 * 2**attempt, 5.0))  # e.g. the server is still closing a cut stream
+                # e.g. the server is still closing a cut stream, or its disk is full (RetryInfo)
+                time.sleep(delay if delay is not None else min(0.2 * 2**attempt, 5.0))
         assert error is not None
         raise error
 
@@ -190,22 +261,28 @@ class MomentsClient:
                  timeout_s: float | None = None) -> pb.LocalizeResponse:
         """``min_confidence`` 0 = the server's default; ``search``: see :func:`search_options`."""
         request = localize_request(video_id, queries, sampling, max_new_tokens, min_confidence, search)
-        return self.stub.Localize(request, metadata=self.metadata, timeout=timeout_s)
+        return _with_retries(self.retry, lambda: self.stub.Localize(request, metadata=self.metadata,
+                                                                    timeout=timeout_s), "Localize")
 
     def stream_localize(self, video_id: str, queries: Sequence[str], *,
                         sampling: SamplingRequest | None = None, max_new_tokens: int = 0,
                         min_confidence: float = 0.0, search: pb.SearchOptions | None = None,
                         timeout_s: float | None = None) -> Iterable[pb.JobEvent]:
         request = localize_request(video_id, queries, sampling, max_new_tokens, min_confidence, search)
-        return self.stub.StreamLocalize(request, metadata=self.metadata, timeout=timeout_s)
+        return _stream_with_retries(
+            self.retry, lambda: self.stub.StreamLocalize(request, metadata=self.metadata, timeout=timeout_s),
+            "StreamLocalize")
 
     def index(self, video_id: str, *, sampling: SamplingRequest | None = None,
               timeout_s: float | None = None) -> Iterable[pb.JobEvent]:
         request = pb.IndexVideoRequest(video_id=video_id, sampling=(sampling or SamplingRequest()).to_pb())
-        return self.stub.IndexVideo(request, metadata=self.metadata, timeout=timeout_s)
+        return _stream_with_retries(
+            self.retry, lambda: self.stub.IndexVideo(request, metadata=self.metadata, timeout=timeout_s),
+            "IndexVideo")
 
     def get_video(self, video_id: str) -> pb.Video:
-        return self.stub.GetVideo(pb.GetVideoRequest(video_id=video_id), metadata=self.metadata)
+        return _with_retries(self.retry, lambda: self.stub.GetVideo(pb.GetVideoRequest(video_id=video_id),
+                                                                    metadata=self.metadata), "GetVideo")
 
     def list_videos(self) -> Iterator[pb.Video]:
         token = ""
@@ -218,7 +295,9 @@ class MomentsClient:
                 return
 
     def delete_video(self, video_id: str) -> pb.DeleteVideoResponse:
-        return self.stub.DeleteVideo(pb.DeleteVideoRequest(video_id=video_id), metadata=self.metadata)
+        """Deleting twice is harmless (the second finds nothing), so it is retried like the others."""
+        return _with_retries(self.retry, lambda: self.stub.DeleteVideo(pb.DeleteVideoRequest(video_id=video_id),
+                                                                       metadata=self.metadata), "DeleteVideo")
 
 
 class AsyncMomentsClient:
@@ -270,6 +349,27 @@ class AsyncMomentsClient:
 
     async def delete_video(self, video_id: str) -> pb.DeleteVideoResponse:
         return await self.stub.DeleteVideo(pb.DeleteVideoRequest(video_id=video_id), metadata=self.metadata)
+
+
+def _rich_details(exc: grpc.RpcError) -> list:
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(exc)
+    except Exception:  # noqa: BLE001 - not a rich status
+        return []
+    return list(status.details) if status is not None else []
+
+
+def _retry_info_s(exc: grpc.RpcError) -> float | None:
+    from google.rpc import error_details_pb2
+
+    for detail in _rich_details(exc):
+        info = error_details_pb2.RetryInfo()
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+            return info.retry_delay.ToMilliseconds() / 1000
+    return None
 
 
 def _upload_id_from(exc: grpc.RpcError) -> str:

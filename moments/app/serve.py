@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import redis
-
 from moments.core import keys
 from moments.core.config import DEFAULT_MODEL, Settings
+from moments.core.redis_client import connect_sync
 from moments.app.redis_server import PrivateRedis
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class Stack:
 
     async def __aenter__(self) -> "Stack":
         self.settings.data_path.mkdir(parents=True, exist_ok=True)
-        if not self.settings.redis_url:
+        if not self.settings.redis_configured:
             self.redis = PrivateRedis(self.settings.data_path / "redis")
             self.settings = self.settings.replace(redis_url=self.redis.start())
             log.info("private redis-server at %s", self.settings.redis_url)
@@ -99,7 +98,7 @@ class Stack:
     def wait_for_workers(self, count: int | None = None, timeout_s: float = 180.0) -> None:
         """Block until ``count`` workers heartbeat (model loaded), or raise."""
         want = self.worker_count if count is None else count
-        client = redis.Redis.from_url(self.settings.redis_url)
+        client = connect_sync(self.settings)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             beats = client.hgetall(keys.WORKERS_HASH)
@@ -184,7 +183,7 @@ async def serve_forever(settings: Settings, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Stack(settings, workers=workers) as stack:
-        print(f"Moments listening on {stack.target} (redis {stack.settings.redis_url}); it answers "
+        print(f"Moments listening on {stack.target} (redis {stack.settings.redis_url or stack.settings.redis_sentinels}); it answers "
               f"once a worker has loaded {settings.model}", flush=True)
         watch = asyncio.create_task(_watch_workers(stack))
         await asyncio.wait([watch, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)

@@ -25,6 +25,10 @@ class Settings:
     """Settings shared by every Moments process."""
 
     redis_url: str = _setting("", "Redis URL; empty starts a private redis-server (serve/demo only)")
+    redis_sentinels: str = _setting(
+        "", "Comma list of Redis Sentinel host:port; set, every process follows the primary they name "
+            "for redis_master (and its failovers) instead of redis_url")
+    redis_master: str = _setting("moments", "Master name the sentinels monitor (with redis_sentinels)")
     data_dir: str = _setting("./var", "Local blob store and upload temp files (local backend), the worker blob "
                                        "cache (s3 backend) and the private Redis live here")
     listen: str = _setting("127.0.0.1:50051", "gRPC listen address of the front end")
@@ -124,6 +128,21 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def redis_configured(self) -> bool:
+        """A Redis is named (a URL or sentinels): nothing private needs starting."""
+        return bool(self.redis_url or self.redis_sentinels)
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``redis_sentinels`` as (host, port) pairs."""
+        out = []
+        for item in self.redis_sentinels.split(","):
+            if item.strip():
+                host, _, port = item.strip().rpartition(":")
+                out.append((host or "127.0.0.1", int(port)))
+        return out
 
     @property
     def data_path(self) -> Path:

@@ -69,6 +69,16 @@ class JobFailed(MomentsError):
         self.job_id = job_id
 
 
+class JobLost(MomentsError):
+    """The job's record vanished from Redis (a failover dropped the last writes, or a restart without
+    it): ABORTED + ErrorInfo JOB_LOST + RetryInfo; calling again submits it anew."""
+
+    def __init__(self, message: str, *, job_id: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.retry_after_s = retry_after_s
+
+
 class Internal(MomentsError):
     """A mismatch inside Moments (a bug): never the caller's fault (INTERNAL, retried like a model error)."""
 

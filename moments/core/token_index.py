@@ -32,3 +32,22 @@ async def drop_video(redis: aioredis.Redis, video_id: str) -> int:
         pipe.delete(keys.video_token_keys(video_id), keys.video_token_entries(video_id))
         await pipe.execute()
     return int(entries)
+
+
+def corrupt_entries(redis_sync) -> list[str]:
+    """Token-cache entries (key prefix, without ``:manifest``) whose chunks do not add up to their
+    manifest's sha256, scanned with a blocking client: the check of fault drills and the chaos run."""
+    import hashlib
+    import json
+
+    bad = []
+    for name in redis_sync.scan_iter(match=f"{keys.PREFIX}:tok:*:manifest"):
+        raw = redis_sync.get(name)
+        if raw is None:
+            continue  # expired or deleted between SCAN and GET
+        manifest = json.loads(raw)
+        base = name.decode().removesuffix(":manifest")
+        data = b"".join(redis_sync.get(f"{base}:chunk:{i}") or b"" for i in range(manifest["chunks"]))
+        if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+            bad.append(base)
+    return bad

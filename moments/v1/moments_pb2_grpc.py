@@ -72,6 +72,11 @@ class MomentsStub:
     ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
     the job failed on the workers after its retries (3 deliveries, MOMENTS_JOB_MAX_ATTEMPTS); the
     message says why. Calling again submits a new job.
+    ABORTED + google.rpc.ErrorInfo (reason "JOB_LOST", metadata["job_id"]) + google.rpc.RetryInfo:
+    the job's record vanished from Redis (a failover to a replica dropped the last writes, or
+    Redis restarted without it); nothing of it will arrive. Call again after retry_delay: the
+    request is submitted anew. Retry UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED with RetryInfo;
+    ABORTED without RetryInfo (JOB_FAILED) only after changing something.
     CANCELLED: the caller cancelled. INTERNAL: a bug in Moments, never the caller's fault (message
     "internal error"; the server logs the cause).
 
@@ -181,6 +186,11 @@ class MomentsServicer:
     ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
     the job failed on the workers after its retries (3 deliveries, MOMENTS_JOB_MAX_ATTEMPTS); the
     message says why. Calling again submits a new job.
+    ABORTED + google.rpc.ErrorInfo (reason "JOB_LOST", metadata["job_id"]) + google.rpc.RetryInfo:
+    the job's record vanished from Redis (a failover to a replica dropped the last writes, or
+    Redis restarted without it); nothing of it will arrive. Call again after retry_delay: the
+    request is submitted anew. Retry UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED with RetryInfo;
+    ABORTED without RetryInfo (JOB_FAILED) only after changing something.
     CANCELLED: the caller cancelled. INTERNAL: a bug in Moments, never the caller's fault (message
     "internal error"; the server logs the cause).
 
@@ -383,6 +393,11 @@ class Moments:
     ABORTED + google.rpc.ErrorInfo (domain "moments.v1", reason "JOB_FAILED", metadata["job_id"]):
     the job failed on the workers after its retries (3 deliveries, MOMENTS_JOB_MAX_ATTEMPTS); the
     message says why. Calling again submits a new job.
+    ABORTED + google.rpc.ErrorInfo (reason "JOB_LOST", metadata["job_id"]) + google.rpc.RetryInfo:
+    the job's record vanished from Redis (a failover to a replica dropped the last writes, or
+    Redis restarted without it); nothing of it will arrive. Call again after retry_delay: the
+    request is submitted anew. Retry UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED with RetryInfo;
+    ABORTED without RetryInfo (JOB_FAILED) only after changing something.
     CANCELLED: the caller cancelled. INTERNAL: a bug in Moments, never the caller's fault (message
     "internal error"; the server logs the cause).
 
