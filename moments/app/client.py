@@ -63,16 +63,21 @@ def retry_delay_s(exc: grpc.RpcError, attempt: int, policy: RetryPolicy) -> floa
     return min(policy.max_delay_s, server_delay if server_delay is not None else backoff)
 
 
+def _pause_or_raise(exc: grpc.RpcError, attempt: int, policy: RetryPolicy, what: str) -> None:
+    """Sleep before the next attempt, or re-raise ``exc`` when it is final or not retryable."""
+    delay = retry_delay_s(exc, attempt, policy)
+    if delay is None or attempt + 1 >= policy.attempts:
+        raise exc
+    log.info("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), delay)
+    time.sleep(delay)
+
+
 def _with_retries(policy: RetryPolicy, call: Callable, what: str):
     for attempt in range(policy.attempts):
         try:
             return call()
         except grpc.RpcError as exc:
-            delay = retry_delay_s(exc, attempt, policy)
-            if delay is None or attempt + 1 >= policy.attempts:
-                raise
-            log.info("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), delay)
-            time.sleep(delay)
+            _pause_or_raise(exc, attempt, policy, what)
     raise AssertionError("unreachable")
 
 
@@ -90,11 +95,7 @@ def _stream_with_retries(policy: RetryPolicy, call: Callable, what: str) -> Iter
                 yield event
             return
         except grpc.RpcError as exc:
-            delay = retry_delay_s(exc, attempt, policy)
-            if delay is None or attempt + 1 >= policy.attempts:
-                raise
-            log.info("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), delay)
-            time.sleep(delay)
+            _pause_or_raise(exc, attempt, policy, what)
 
 
 def file_digest(path: Path) -> tuple[str, int]:
