@@ -55,7 +55,7 @@ redis.call('XACK', KEYS[4], ARGV[6], ARGV[7])
 return 1
 """
 
-# KEYS: job hash, jobs stream. ARGV: token, group, entry id, last error.
+# KEYS: job hash, jobs stream. ARGV: token, group, entry id, last error, job id.
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'last_error', ARGV[4], 'lease', '')
