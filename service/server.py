@@ -16,6 +16,7 @@ from moments.core.config import Settings
 from moments.core.redis_client import connect
 from moments.service.auth import Authenticator, parse_api_keys
 from moments.service.catalog import VideoCatalog
+from moments.service.event_reader import EventReader
 from moments.service.health import NOT_SERVING, HealthServicer, WorkerHealth, set_health
 from moments.service.interceptor import MomentsInterceptor
 from moments.service.reflection import enable_reflection
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = moments_pb2.DESCRIPTOR.services_by_name["Moments"].full_name
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 JANITOR_INTERVAL_S = 60.0
+CANCEL_CONNECTIONS = 4
+"""The pool of its own that cancellations write on (a short script each)."""
 
 
 HEALTH_NAMES = ("", SERVICE_NAME)
@@ -41,6 +44,7 @@ class FrontEnd:
     redis: aioredis.Redis
     uploads: Uploads
     port: int
+    jobs: JobClient
     tasks: tuple[asyncio.Task, ...] = ()
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -49,7 +53,9 @@ class FrontEnd:
             task.cancel()
         await set_health(self.health.servicer, HEALTH_NAMES, NOT_SERVING)
         await self.server.stop(grace_s)
-        await self.redis.aclose()
+        await self.jobs.reader.close()
+        for client in (self.jobs.reader.redis, self.jobs.cancel_redis, self.redis):
+            await client.aclose()
 
 
 async def start_front_end(settings: Settings) -> FrontEnd:
@@ -65,7 +71,8 @@ async def start_front_end(settings: Settings) -> FrontEnd:
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ],
     )
-    job_client = JobClient(settings, redis)
+    job_client = JobClient(settings, redis, reader=EventReader(connect(settings, max_connections=2)),
+                           cancel_redis=connect(settings, max_connections=CANCEL_CONNECTIONS))
     moments_pb2_grpc.add_MomentsServicer_to_server(MomentsServicer(settings, uploads, catalog, job_client), server)
     health = WorkerHealth(HealthServicer(), HEALTH_NAMES, job_client.live_workers,
                           interval_s=min(1.0, settings.worker_stale_s / 4))
@@ -77,7 +84,7 @@ async def start_front_end(settings: Settings) -> FrontEnd:
     await server.start()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
-    front = FrontEnd(server, health, redis, uploads, port,
+    front = FrontEnd(server, health, redis, uploads, port, job_client,
                      tasks=(asyncio.create_task(health.run()), asyncio.create_task(_janitor(uploads))))
     log.info("front end listening on port %d (tls=%s, auth=%s)", port, bool(settings.tls_cert),
              auth.enabled)

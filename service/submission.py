@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
@@ -14,17 +15,32 @@ from moments.core.config import Settings
 from moments.core.jobs import Event
 from moments.core.records import EVENT_RESULT, Job
 from moments.service import metrics
+from moments.service.event_reader import EventReader
 
 log = logging.getLogger(__name__)
 READ_BLOCK_MS = 1000
+ABANDON = """
+if redis.call('HEXISTS', KEYS[1], 'payload') == 0 then return false end
+local waiters = redis.call('HINCRBY', KEYS[1], 'waiters', -1)
+if waiters <= 0 then redis.call('SET', KEYS[2], 1, 'EX', ARGV[1]) end
+return waiters
+"""
+"""A caller leaves a job: one fewer waiter, and the cancel mark when it was the last (nil: the job is lost)."""
 
 
 class JobClient:
-    """Puts jobs on the stream and follows their event streams until they finish."""
+    """Puts jobs on the stream and follows their event streams until they finish.
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+    Waiting calls hold no Redis connection: they read from ``reader`` (one XREAD for all of them),
+    and a caller that leaves marks its job on ``cancel_redis``, a pool of its own, so a cancellation
+    never waits behind the commands of other calls."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, *, reader: EventReader | None = None,
+                 cancel_redis: aioredis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = redis
+        self.reader = reader or EventReader(redis)
+        self.cancel_redis = cancel_redis or redis
 
     async def live_workers(self) -> int:
         beats = await self.redis.hgetall(keys.WORKERS_HASH)
@@ -83,40 +99,37 @@ class JobClient:
         query's result is yielded once, even when a rerun of the job (after a lost lease or a
         failover) publishes it again.
         """
-        last_id = "0-0"
         finished = False
         last_beat_s = time.time()
         seen_results: set[int] = set()
         await self.redis.hincrby(keys.job(job_id), "waiters", 1)
         try:
-            while True:
-                remaining_s = deadline_s - time.time()
-                if remaining_s <= 0:
-                    raise errors.DeadlineExceeded(f"job {job_id} did not finish within the deadline")
-                block_ms = int(min(READ_BLOCK_MS, remaining_s * 1000)) or 1
-                reply = await self.redis.xread({keys.job_events(job_id): last_id}, block=block_ms)
-                if not reply:
-                    await self._check_alive(job_id)
-                    last_beat_s = max(last_beat_s, await self.newest_heartbeat())
-                    if time.time() - last_beat_s > self.settings.worker_stale_s:
-                        raise errors.Unavailable(f"every worker stopped; job {job_id} was not finished")
-                    continue
-                for entry_id, fields in reply[0][1]:
-                    last_id = entry_id
+            async with self.reader.follow(keys.job_events(job_id)) as queue:
+                while True:
+                    remaining_s = deadline_s - time.time()
+                    if remaining_s <= 0:
+                        raise errors.DeadlineExceeded(f"job {job_id} did not finish within the deadline")
+                    try:
+                        _, fields = await asyncio.wait_for(queue.get(), min(READ_BLOCK_MS / 1000, remaining_s))
+                    except TimeoutError:
+                        await self._check_alive(job_id)
+                        last_beat_s = max(last_beat_s, await self.newest_heartbeat())
+                        if time.time() - last_beat_s > self.settings.worker_stale_s:
+                            raise errors.Unavailable(f"every worker stopped; job {job_id} was not finished")
+                        continue
                     event = Event.from_fields(fields)
                     if event.kind == EVENT_RESULT:
                         index = int(event.data.get("query_index", -1))
                         if index in seen_results:
                             continue
                         seen_results.add(index)
-                    if event.kind in (jobs.DONE, jobs.FAILED):
-                        finished = True
+                    finished = event.kind in (jobs.DONE, jobs.FAILED)
                     yield event
                     if finished:
                         return
         finally:
             if not finished:
-                await self._abandon(job_id)
+                await asyncio.shield(self._abandon(job_id))
 
     async def _check_alive(self, job_id: str) -> None:
         """Raise JobLost when the job's record is gone: its payload is what a worker needs, and
@@ -133,11 +146,9 @@ class JobClient:
 
     async def _abandon(self, job_id: str) -> None:
         try:
-            if not await self.redis.hexists(keys.job(job_id), "payload"):
-                return  # lost with a failover or restart: nothing to stop
-            waiters = await self.redis.hincrby(keys.job(job_id), "waiters", -1)
-            if waiters <= 0:
-                await self.redis.set(keys.job_cancel(job_id), 1, ex=jobs.EVENTS_TTL_S)
+            waiters = await self.cancel_redis.eval(ABANDON, 2, keys.job(job_id), keys.job_cancel(job_id),
+                                                   jobs.EVENTS_TTL_S)
+            if waiters is not None and waiters <= 0:
                 log.info("job %s cancelled: no caller waits for it", job_id)
         except Exception:  # noqa: BLE001 - Redis down: the worker's deadline check stops it
-            log.warning("could not mark job %s cancelled", job_id)
+            log.warning("could not mark job %s cancelled", job_id, exc_info=True)

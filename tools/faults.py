@@ -3,7 +3,8 @@ never by default. ``moments worker`` wraps its engine with :func:`maybe_faulty`.
 
 Example: ``MOMENTS_FAULTS='{"answer_error_after": 0}'`` makes every answer raise (a model error);
 ``{"device_error_after": 0}`` raises a fatal device error; ``{"encode_sleep_s": 5}`` slows encoding
-so a test can kill the worker mid-job.
+so a test can kill the worker mid-job; ``{"answer_sleep_s": 2}`` slows each answer (a cancelled job
+leaves the pause at once), so calls stay waiting.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class FaultyEngine:
     def generate(self, *args, **kwargs):
         calls = self._answers
         self._answers += 1
+        pause_s = float(self._faults.get("answer_sleep_s", 0))
+        if pause_s:
+            cancel = kwargs.get("cancel")
+            cancel.wait(pause_s) if cancel is not None else time.sleep(pause_s)
         if "device_error_after" in self._faults and calls >= int(self._faults["device_error_after"]):
             raise FatalDeviceError("injected: CUDA error: an illegal memory access was encountered")
         if "answer_error_after" in self._faults and calls >= int(self._faults["answer_error_after"]):

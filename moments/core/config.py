@@ -29,6 +29,9 @@ class Settings:
         "", "Comma list of Redis Sentinel host:port; set, every process follows the primary they name "
             "for redis_master (and its failovers) instead of redis_url")
     redis_master: str = _setting("moments", "Master name the sentinels monitor (with redis_sentinels)")
+    redis_max_connections: int = _setting(
+        64, "Most pooled Redis connections of one process (a command waits for a free one); the front "
+            "end's waiting calls share one more, and cancellations a few of their own")
     data_dir: str = _setting("./var", "Local blob store and upload temp files (local backend), the worker blob "
                                        "cache (s3 backend) and the private Redis live here")
     listen: str = _setting("127.0.0.1:50051", "gRPC listen address of the front end")

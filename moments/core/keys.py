@@ -114,3 +114,8 @@ def inflight(tenant: str) -> str:
 def kv_owner(cache_key: str) -> str:
     """String: the worker holding the hot KV prefix of a token-cache key (affinity hint)."""
     return f"{PREFIX}:kv:{cache_key}:owner"
+
+
+def event_reader_wake(reader_id: str) -> str:
+    """Stream (short, with expiry): entries that wake one front end's shared event reader."""
+    return f"{PREFIX}:events:reader:{reader_id}:wake"

@@ -26,6 +26,8 @@ from redis.sentinel import Sentinel as SyncSentinel
 from moments.core.config import Settings
 
 RETRIES = 3
+POOL_WAIT_S = 20.0
+"""How long a command waits for a free pooled connection before failing (UNAVAILABLE)."""
 SENTINEL_RETRIES = 8
 """About 6 s of backoff (cap 1 s): long enough for a failover's election on loopback."""
 
@@ -35,10 +37,15 @@ def _common(socket_timeout_s: float) -> dict:
                 retry_on_error=[RedisConnectionError, RedisTimeoutError])
 
 
-def connect(target: "str | Settings", *, socket_timeout_s: float = 10.0, **kwargs) -> aioredis.Redis:
+def connect(target: "str | Settings", *, socket_timeout_s: float = 10.0, max_connections: int | None = None,
+            **kwargs) -> aioredis.Redis:
     """An asyncio client for a URL or for ``Settings`` (URL or sentinels) that retries a broken
-    connection."""
+    connection. Its pool holds at most ``max_connections`` (default ``Settings.redis_max_connections``);
+    a command finding every one busy waits up to ``POOL_WAIT_S`` for one instead of failing (with
+    sentinels, redis-py's sentinel pool, which does not wait, keeps its own bound)."""
     settings = target if isinstance(target, Settings) else None
+    if max_connections is None:
+        max_connections = settings.redis_max_connections if settings is not None else Settings.redis_max_connections
     if settings is not None and settings.redis_sentinels:
         sentinel = Sentinel(settings.sentinel_addresses, sentinel_kwargs={"socket_connect_timeout": 1.0,
                                                                           "socket_timeout": 1.0})
@@ -46,8 +53,10 @@ def connect(target: "str | Settings", *, socket_timeout_s: float = 10.0, **kwarg
             settings.redis_master, **_common(socket_timeout_s),
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), SENTINEL_RETRIES), **kwargs)
     url = settings.redis_url if settings is not None else target
-    return aioredis.Redis.from_url(
-        url, **_common(socket_timeout_s), retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES), **kwargs)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_S, **_common(socket_timeout_s),
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES), **kwargs)
+    return aioredis.Redis.from_pool(pool)
 
 
 def connect_sync(settings: Settings, *, socket_timeout_s: float = 10.0) -> redis.Redis:
