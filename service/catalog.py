@@ -26,6 +26,9 @@ DEFAULT_PAGE_SIZE = 50
 VIDEO_LOCK_TTL_S = 30
 VIDEO_LOCK_WAIT_S = 10.0
 TOKEN_TAG_BYTES = 16
+VIEWS_TTL_S = 7 * 24 * 3600
+"""A tenant's record of what it asked about lives as long as the token cache's default TTL."""
+DELETED_STREAM_LEN = 10_000
 
 
 class VideoCatalog:
@@ -119,25 +122,38 @@ class VideoCatalog:
                                          field="page_token")
         return int.from_bytes(body, "big")
 
+    async def first_view(self, tenant: str, video_id: str, view: str) -> bool:
+        """Record that ``tenant`` asked about ``view`` of the video; True the first time it does."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            added, _ = await pipe.sadd(keys.tenant_views(tenant, video_id), view).expire(
+                keys.tenant_views(tenant, video_id), VIEWS_TTL_S).execute()
+        return bool(added)
+
     async def remove(self, tenant: str, video_id: str) -> int:
-        """Drop the tenant's ownership. When no owner remains, the record, the blob and the cached
-        visual tokens go too; returns how many token-cache entries were removed."""
+        """Drop the tenant's ownership; returns how many cached views of the video the tenant had
+        asked about (the same whether or not others own it). When no owner remains, the record, the
+        blob and the cached visual tokens go too, and every worker is told to drop its KV prefixes."""
         await self.get_owned(tenant, video_id)
         async with self.exclusive(video_id):
             async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.scard(keys.tenant_views(tenant, video_id))
+                pipe.delete(keys.tenant_views(tenant, video_id))
                 pipe.zrem(keys.tenant_videos(tenant), video_id)
                 pipe.delete(keys.owned_video(tenant, video_id))
                 pipe.srem(keys.video_owners(video_id), tenant)
                 pipe.scard(keys.video_owners(video_id))
-                *_, remaining = await pipe.execute()
+                views, *_, remaining = await pipe.execute()
             if remaining:
-                return 0
+                return int(views)
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(keys.video(video_id), keys.video_owners(video_id))
                 pipe.zrem(keys.VIDEO_INDEX, video_id)
                 await pipe.execute()
             await asyncio.to_thread(self.blobs.delete, video_id)
-        return await token_index.drop_video(self.redis, video_id)
+            await token_index.drop_video(self.redis, video_id)
+            await self.redis.xadd(keys.VIDEOS_DELETED, {"video_id": video_id}, maxlen=DELETED_STREAM_LEN,
+                                  approximate=True)
+        return int(views)
 
 
 async def _keep(lock: RedisLock) -> None:

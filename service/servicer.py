@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import AsyncIterator
 
 from moments.core import errors, jobs
@@ -25,6 +26,9 @@ from moments.service.submission import JobClient
 from moments.service.uploads import Uploads
 from moments.v1 import moments_pb2 as pb
 from moments.v1 import moments_pb2_grpc as pb_grpc
+
+
+HITS = ("tokens", "kv")
 
 
 class MomentsServicer(pb_grpc.MomentsServicer):
@@ -106,7 +110,11 @@ class MomentsServicer(pb_grpc.MomentsServicer):
                 raise errors.JobFailed(f"job {job_id} failed: {event.data.get('reason', 'unknown error')}",
                                        job_id=job_id)
             if event.kind == jobs.DONE:
-                _observe(JobStats.from_dict(event.data))
+                stats = JobStats.from_dict(event.data)
+                _observe(stats)  # operators see the true outcome
+                if await self.catalog.first_view(job.tenant, job.video_id, job.view) and stats.cache in HITS:
+                    # As this tenant would have seen it alone: another tenant's work is not shown.
+                    message = pb.JobEvent(job_id=job_id, done=replace(stats, cache="miss").to_pb())
             yield message
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import OrderedDict
 from typing import Any
 
+import redis.asyncio as aioredis
 import torch
+from redis.exceptions import RedisError
+
+from moments.core import keys
 
 log = logging.getLogger(__name__)
+DELETIONS_BLOCK_MS = 2000
 
 
 def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
@@ -67,7 +73,32 @@ class KVPrefixCache:
         with self._lock:
             return list(self._entries)
 
-    def discard_video(self, video_id: str) -> None:
+    def discard_video(self, video_id: str) -> int:
+        """Drop every prefix of the video; returns how many there were."""
         with self._lock:
-            for key in [k for k in self._entries if k.startswith(video_id[:16])]:
+            gone = [k for k in self._entries if k.startswith(video_id[:16])]
+            for key in gone:
                 self.used_bytes -= self._entries.pop(key)[1]
+        return len(gone)
+
+
+async def drop_deleted_videos(redis: aioredis.Redis, cache: KVPrefixCache) -> None:
+    """Forever: drop the prefixes of every video whose last owner deleted it (``keys.VIDEOS_DELETED``,
+    which every worker reads), so a re-upload of the same bytes starts cold."""
+    last_id = None
+    while True:
+        try:
+            if last_id is None:  # deletions before this worker started left nothing in its memory
+                newest = await redis.xrevrange(keys.VIDEOS_DELETED, count=1)
+                last_id = newest[0][0] if newest else "0-0"
+            reply = await redis.xread({keys.VIDEOS_DELETED: last_id}, block=DELETIONS_BLOCK_MS)
+        except RedisError as exc:
+            log.warning("cannot read deleted videos (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+            continue
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                last_id = entry_id
+                video_id = fields[b"video_id"].decode()
+                if cache.discard_video(video_id):
+                    log.info("kv prefixes of deleted video %s dropped", video_id)

@@ -13,7 +13,7 @@ from moments.core.blob_backends import open_blob_store
 from moments.core.config import Settings
 from moments.core.redis_client import connect
 from moments.workers.job_loop import JobLoop
-from moments.workers.kv_cache import KVPrefixCache
+from moments.workers.kv_cache import KVPrefixCache, drop_deleted_videos
 from moments.workers.model.engine import Engine, EngineOptions
 from moments.workers.pipeline import Pipeline
 from moments.workers.token_cache import TokenCache
@@ -41,11 +41,12 @@ async def run_worker(settings: Settings, engine: Engine | None = None, *, ready:
     if engine is None:
         engine = await asyncio.to_thread(load_engine, settings)
     redis = connect(settings, socket_timeout_s=30.0)
+    kv_cache = KVPrefixCache(settings.kv_cache_bytes)
     pipeline = Pipeline(
         settings,
         engine,
         TokenCache(redis, ttl_s=settings.token_cache_ttl_s, chunk_bytes=settings.token_cache_chunk_bytes),
-        KVPrefixCache(settings.kv_cache_bytes),
+        kv_cache,
         open_blob_store(settings),
         owner=name,
     )
@@ -60,11 +61,13 @@ async def run_worker(settings: Settings, engine: Engine | None = None, *, ready:
     log.info("worker %s serving model %s on %s", name, engine.model_name, engine.device)
     if ready is not None:
         ready.set()
+    deletions = asyncio.create_task(drop_deleted_videos(redis, kv_cache))
     try:
         await loop.run()
     except errors.FatalDeviceError:
         log.critical("worker %s exits: device unusable", name)
         return EXIT_FATAL_DEVICE
     finally:
+        deletions.cancel()
         await redis.aclose()
     return 0

@@ -17,6 +17,8 @@ OPEN_JOBS = f"{PREFIX}:jobs:open"
 """Sorted set of unfinished job ids scored by submit time: the queue depth for backpressure."""
 PAGE_TOKEN_SECRET = f"{PREFIX}:secret:page_tokens"
 """String: the random key ListVideos page tokens are signed with (made by the first front end)."""
+VIDEOS_DELETED = f"{PREFIX}:videos:deleted"
+"""Stream (capped) of video ids whose last owner deleted them: every worker drops their KV prefixes."""
 TOKEN_CACHE_HITS = f"{PREFIX}:stats:token_cache_hits"
 TOKEN_CACHE_MISSES = f"{PREFIX}:stats:token_cache_misses"
 
@@ -34,6 +36,12 @@ def tenant_videos(tenant: str) -> str:
 def owned_video(tenant: str, video_id: str) -> str:
     """Hash: one owner's fields of a video (filename, content type), never shown to another owner."""
     return f"{PREFIX}:tenant:{tenant}:video:{video_id}"
+
+
+def tenant_views(tenant: str, video_id: str) -> str:
+    """Set: the views (sampling identities) of a video a tenant has asked about, so a cache outcome
+    it is shown never comes from another tenant's work."""
+    return f"{PREFIX}:tenant:{tenant}:video:{video_id}:views"
 
 
 def video_owners(video_id: str) -> str:

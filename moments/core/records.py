@@ -357,6 +357,11 @@ class Job:
         d = asdict(self)
         return json.dumps(d)
 
+    @property
+    def view(self) -> str:
+        """What of the video the job looks at (its sampling and search), whoever asks the questions."""
+        return json.dumps([asdict(self.sampling), asdict(self.search)], sort_keys=True, default=str)
+
     @classmethod
     def from_request(cls, kind: str, request: Any, *, tenant: str, settings: "Settings") -> "Job":
         """A job for a ``LocalizeRequest`` (kind localize) or ``IndexVideoRequest`` (kind index);
