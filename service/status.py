@@ -56,6 +56,9 @@ def to_status(exc: BaseException) -> grpc.Status:
     elif isinstance(exc, errors.ResourceExhausted):
         code = code_pb2.RESOURCE_EXHAUSTED
         details.append(_any(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))
+        if exc.quota:
+            violation = error_details_pb2.QuotaFailure.Violation(subject=exc.quota, description=exc.message)
+            details.append(_any(error_details_pb2.QuotaFailure(violations=[violation])))
     elif isinstance(exc, errors.Unavailable):
         code = code_pb2.UNAVAILABLE
     elif isinstance(exc, errors.Unauthenticated):

@@ -75,8 +75,59 @@ class Uploads:
         self.redis = redis
         self.blobs = blobs
         self.catalog = catalog
+        self._open_streams: dict[str, int] = {}
+        """Upload streams open on this front end, per tenant (each holds a staging file)."""
 
     async def receive(
+        self, tenant: str, header: UploadHeader, chunks: AsyncIterator[UploadChunk]
+    ) -> UploadOutcome:
+        with self._stream_slot(tenant):
+            return await self._receive_stream(tenant, header, chunks)
+
+    @contextlib.contextmanager
+    def _stream_slot(self, tenant: str):
+        """Count one open stream of ``tenant`` against ``max_open_uploads`` (on this front end: the
+        files a stream keeps open are this process's)."""
+        cap = self.settings.max_open_uploads
+        open_now = self._open_streams.get(tenant, 0)
+        if cap and open_now >= cap:
+            raise errors.ResourceExhausted(f"{open_now} upload streams of this caller are open (limit {cap}); "
+                                           "finish or close one", retry_after_s=5.0, quota="open_uploads")
+        self._open_streams[tenant] = open_now + 1
+        try:
+            yield
+        finally:
+            left = self._open_streams.pop(tenant) - 1
+            if left:
+                self._open_streams[tenant] = left
+
+    async def _reserve(self, state: UploadState) -> None:
+        """Count a new upload's declared bytes against the tenant's ``max_pending_upload_bytes``."""
+        cap = self.settings.max_pending_upload_bytes
+        name = keys.tenant_pending_uploads(state.tenant)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            _, sizes = await pipe.hset(name, state.upload_id, state.size_bytes).hgetall(name).execute()
+        pending = sum(int(v) for v in sizes.values())
+        if cap and pending > cap:
+            gone = [u for u in sizes if not await self.redis.exists(keys.upload(u.decode()))]
+            if gone:  # entries of uploads removed without their index (e.g. a lost write)
+                await self.redis.hdel(name, *gone)
+                pending -= sum(int(sizes[u]) for u in gone)
+        if cap and pending > cap:
+            await self.redis.hdel(name, state.upload_id)
+            raise errors.ResourceExhausted(
+                f"unfinished uploads of this caller would declare {pending} bytes (limit {cap}); finish some "
+                "or let them expire", retry_after_s=60.0, quota="pending_upload_bytes")
+
+    async def _forget(self, state: UploadState) -> None:
+        """The upload is finished or gone: drop its record, expiry and pending bytes."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.upload(state.upload_id))
+            pipe.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
+            pipe.hdel(keys.tenant_pending_uploads(state.tenant), state.upload_id)
+            await pipe.execute()
+
+    async def _receive_stream(
         self, tenant: str, header: UploadHeader, chunks: AsyncIterator[UploadChunk]
     ) -> UploadOutcome:
         state = await self._start(tenant, header)
@@ -147,6 +198,9 @@ class Uploads:
                     await asyncio.to_thread(self.blobs.discard_staging, upload_id)
                 except ValueError:  # not an upload id: drop the stray entry
                     pass
+                tenant = await self.redis.hget(keys.upload(upload_id), "tenant")
+                if tenant is not None:
+                    await self.redis.hdel(keys.tenant_pending_uploads(tenant.decode()), upload_id)
                 await self.redis.delete(keys.upload(upload_id))
                 await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, upload_id)
                 removed += 1
@@ -222,6 +276,7 @@ class Uploads:
             content_type=header.content_type[:100],
             expire_s=time.time() + self.settings.upload_ttl_s,
         )
+        await self._reserve(state)
         await self._save(state)
         return state
 
@@ -276,8 +331,7 @@ class Uploads:
         async with self.catalog.exclusive(state.sha256):
             await asyncio.to_thread(self.blobs.commit, staging, state.sha256)
             video = await self.catalog.add(state.tenant, replace(info, content_type=state.content_type))
-        await self.redis.delete(keys.upload(state.upload_id))
-        await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
+        await self._forget(state)
         log.info("upload %s stored video %s (%d bytes; probe %.2f s, commit %.2f s)", state.upload_id, state.sha256,
                  state.size_bytes, probed - started, time.monotonic() - probed)
         return UploadOutcome(video, False, state.upload_id)
@@ -367,8 +421,7 @@ class Uploads:
             await asyncio.to_thread(staging.discard)
         else:
             await asyncio.to_thread(self.blobs.discard_staging, state.upload_id)
-        await self.redis.delete(keys.upload(state.upload_id))
-        await self.redis.zrem(keys.UPLOADS_BY_EXPIRY, state.upload_id)
+        await self._forget(state)
 
     async def _load(self, tenant: str, upload_id: str) -> UploadState:
         try:

@@ -4,6 +4,9 @@ front end with API keys (no worker: nothing here runs a job)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
 import shutil
 
 import grpc
@@ -12,6 +15,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from moments.app.client import MomentsClient
+from moments.v1 import moments_pb2_grpc as pb_grpc
+from tests.stack import staged_uploads
 from moments.service.auth import hash_key
 from moments.tools.synthetic import Event, write_event_video
 from moments.v1 import moments_pb2 as pb
@@ -151,3 +156,74 @@ def test_page_tokens_are_opaque_and_checked(clients, video, tmp_path):
             who.stub.ListVideos(pb.ListVideosRequest(page_size=1, page_token=token), metadata=who.metadata)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (token, err.value.details())
         assert details(err.value, error_details_pb2.BadRequest).field_violations[0].field == "page_token"
+
+
+# ------------------------------------------------------------------ per-tenant caps on uploads
+
+MiB = 1024 * 1024
+
+
+def quota(exc: grpc.RpcError) -> tuple[str, float]:
+    """The QuotaFailure subject and the RetryInfo delay of a RESOURCE_EXHAUSTED."""
+    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+    return (details(exc, error_details_pb2.QuotaFailure).violations[0].subject,
+            details(exc, error_details_pb2.RetryInfo).retry_delay.ToMilliseconds() / 1000)
+
+
+async def _open_idle(stub, tenant: str, index: int, size_bytes: int, sent: asyncio.Queue, hold: asyncio.Event):
+    """An upload stream that sends its header and one chunk, then idles until ``hold`` is set."""
+    async def parts():
+        digest = hashlib.sha256(f"{tenant} idle {index}".encode()).hexdigest()
+        yield pb.UploadVideoRequest(header=pb.UploadHeader(size_bytes=size_bytes, sha256=digest))
+        yield pb.UploadVideoRequest(chunk=pb.UploadChunk(offset=0, data=os.urandom(64 * 1024)))
+        await sent.put(index)
+        await hold.wait()
+
+    call = stub.UploadVideo(parts(), metadata=(("authorization", f"Bearer {KEYS[tenant]}"),))
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        await sent.put(-1)
+        return exc
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_idle_upload_streams_of_a_key_are_capped(stack_factory):
+    cap = 4
+    with stack_factory(workers=0, api_keys=key_spec(), max_open_uploads=cap) as s:
+        async def scenario():
+            async with grpc.aio.insecure_channel(s.target) as channel:
+                stub = pb_grpc.MomentsStub(channel)
+                sent, hold = asyncio.Queue(), asyncio.Event()
+                streams = [asyncio.create_task(_open_idle(stub, "alice", i, 4 * MiB, sent, hold)) for i in range(cap)]
+                assert sorted([await sent.get() for _ in streams]) == list(range(cap))
+                fds = open_fds()
+                refused = await _open_idle(stub, "alice", cap, 4 * MiB, asyncio.Queue(), hold)
+                fds_after = open_fds()
+                other = asyncio.create_task(_open_idle(stub, "bob", 0, 4 * MiB, sent, hold))
+                assert await sent.get() == 0  # another tenant is not held back by alice's cap
+                hold.set()
+                ended = await asyncio.gather(*streams, other)
+                return refused, fds, fds_after, ended
+        refused, fds, fds_after, ended = asyncio.run(scenario())
+        assert quota(refused) == ("open_uploads", 5.0)
+        assert fds_after - fds <= 2  # no staging file for the refused stream (a socket may come and go)
+        assert all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for e in ended)  # incomplete: resumable
+        assert len(staged_uploads(s)) == cap + 1
+
+
+def test_pending_upload_bytes_of_a_key_are_capped(stack_factory):
+    with stack_factory(workers=0, api_keys=key_spec(), max_pending_upload_bytes=5 * MiB) as s:
+        async def one(tenant: str, index: int, size_bytes: int):
+            async with grpc.aio.insecure_channel(s.target) as channel:
+                hold = asyncio.Event()
+                hold.set()
+                return await _open_idle(pb_grpc.MomentsStub(channel), tenant, index, size_bytes, asyncio.Queue(), hold)
+        first = asyncio.run(one("alice", 0, 4 * MiB))
+        assert first.code() == grpc.StatusCode.FAILED_PRECONDITION  # cut: 4 MiB stay pending
+        assert quota(asyncio.run(one("alice", 1, 2 * MiB))) == ("pending_upload_bytes", 60.0)
+        assert asyncio.run(one("alice", 0, 4 * MiB)).code() == grpc.StatusCode.FAILED_PRECONDITION  # resumes
+        assert asyncio.run(one("bob", 0, 2 * MiB)).code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -49,6 +49,9 @@ class Settings:
     max_queries: int = _setting(16, "Most queries in one Localize request")
     max_query_chars: int = _setting(500, "Longest accepted query")
     max_queue_jobs: int = _setting(256, "Jobs waiting before new calls get RESOURCE_EXHAUSTED")
+    max_open_uploads: int = _setting(16, "Upload streams one tenant may have open at once (0 = no cap)")
+    max_pending_upload_bytes: int = _setting(
+        32 * 1024**3, "Declared bytes of one tenant's unfinished uploads, at most (0 = no cap)")
     upload_ttl_s: int = _setting(24 * 3600, "Abandoned partial uploads are removed after this")
     job_timeout_s: float = _setting(600.0, "Deadline for a Localize call that sets none")
     job_lease_s: float = _setting(60.0, "A job idle this long (no heartbeat) is reclaimed")

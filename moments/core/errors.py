@@ -44,9 +44,11 @@ class FailedPrecondition(MomentsError):
 class ResourceExhausted(MomentsError):
     """Queue full, quota, disk full (RESOURCE_EXHAUSTED + RetryInfo)."""
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, quota: str = "") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.quota = quota
+        """The tenant cap that was hit (a QuotaFailure subject), when one was."""
 
 
 class Unavailable(MomentsError):

@@ -59,6 +59,16 @@ def upload_writer(upload_id: str) -> str:
     return f"{PREFIX}:upload:{upload_id}:writer"
 
 
+def tenant_upload_streams(tenant: str) -> str:
+    """Sorted set: a token per upload stream a tenant has open, scored by when it stops counting."""
+    return f"{PREFIX}:tenant:{tenant}:upload_streams"
+
+
+def tenant_pending_uploads(tenant: str) -> str:
+    """Hash: upload id -> declared size of each unfinished upload of a tenant (its pending bytes)."""
+    return f"{PREFIX}:tenant:{tenant}:uploads"
+
+
 UPLOADS_BY_EXPIRY = f"{PREFIX}:uploads"
 """Sorted set of upload ids scored by expiry time, for removing abandoned partial files."""
 

@@ -63,7 +63,10 @@ class MomentsStub:
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
     (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
-    or the server's disk is full (60 s; the partial upload was dropped: start it again).
+    or the server's disk is full (60 s; the partial upload was dropped: start it again). A tenant's
+    caps add google.rpc.QuotaFailure, violations[0].subject naming the cap: "open_uploads" (upload
+    streams open at once, MOMENTS_MAX_OPEN_UPLOADS, 5 s), "pending_upload_bytes" (declared bytes of
+    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
     stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
     an upload resumes from what the store holds), or the video is being stored or deleted.
@@ -177,7 +180,10 @@ class MomentsServicer:
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
     (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
-    or the server's disk is full (60 s; the partial upload was dropped: start it again).
+    or the server's disk is full (60 s; the partial upload was dropped: start it again). A tenant's
+    caps add google.rpc.QuotaFailure, violations[0].subject naming the cap: "open_uploads" (upload
+    streams open at once, MOMENTS_MAX_OPEN_UPLOADS, 5 s), "pending_upload_bytes" (declared bytes of
+    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
     stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
     an upload resumes from what the store holds), or the video is being stored or deleted.
@@ -384,7 +390,10 @@ class Moments:
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
     (2 s, MOMENTS_MAX_QUEUE_JOBS waiting jobs), the key's rate or concurrency quota is used up (1 s),
-    or the server's disk is full (60 s; the partial upload was dropped: start it again).
+    or the server's disk is full (60 s; the partial upload was dropped: start it again). A tenant's
+    caps add google.rpc.QuotaFailure, violations[0].subject naming the cap: "open_uploads" (upload
+    streams open at once, MOMENTS_MAX_OPEN_UPLOADS, 5 s), "pending_upload_bytes" (declared bytes of
+    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
     stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
     an upload resumes from what the store holds), or the video is being stored or deleted.
