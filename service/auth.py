@@ -28,6 +28,12 @@ class ApiKey:
     """Calls in flight at once (0 = unlimited)."""
 
 
+def peer_host(peer: str) -> str:
+    """The address of a gRPC peer ("ipv4:10.0.0.1:5000", "ipv6:[::1]:5000") without its port."""
+    kind, _, rest = peer.partition(":")
+    return f"{kind}:{rest.rsplit(':', 1)[0]}" if kind in ("ipv4", "ipv6") else peer
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -45,11 +51,39 @@ def parse_api_keys(spec: str) -> list[ApiKey]:
 
 
 class Authenticator:
-    """Checks ``authorization: Bearer <key>`` metadata and enforces the key's quotas in Redis."""
+    """Checks ``authorization: Bearer <key>`` metadata and enforces the key's quotas in Redis.
 
-    def __init__(self, api_keys: list[ApiKey], redis: aioredis.Redis) -> None:
+    Failed attempts are counted per peer address and per presented key (its hash); past
+    ``failures_max`` within ``failure_window_s`` every call from that peer, or with that key, gets
+    RESOURCE_EXHAUSTED before its key is looked at, so the answer never says whether a key exists."""
+
+    def __init__(self, api_keys: list[ApiKey], redis: aioredis.Redis, *, failures_max: int = 10,
+                 failure_window_s: float = 60.0) -> None:
         self.by_hash = {k.key_sha256: k for k in api_keys}
         self.redis = redis
+        self.failures_max = failures_max
+        self.failure_window_s = failure_window_s
+
+    async def identify(self, metadata: dict[str, str], peer: str) -> ApiKey:
+        """The caller's key, with failed attempts throttled (``authenticate`` without the throttle)."""
+        if not self.enabled or not self.failures_max:
+            return self.authenticate(metadata)
+        token = metadata.get("authorization", "").partition(" ")[2].strip()
+        subjects = [keys.auth_failures(f"peer:{peer_host(peer)}")]
+        if token:
+            subjects.append(keys.auth_failures(f"key:{hash_key(token)}"))
+        counts = await self.redis.mget(subjects)
+        if any(int(c or 0) >= self.failures_max for c in counts):
+            raise errors.ResourceExhausted("too many failed authentications; retry later",
+                                           retry_after_s=self.failure_window_s, quota="failed_auth")
+        try:
+            return self.authenticate(metadata)
+        except errors.Unauthenticated:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for name in subjects:
+                    pipe.incr(name).expire(name, int(self.failure_window_s) or 1, nx=True)
+                await pipe.execute()
+            raise
 
     @property
     def enabled(self) -> bool:

@@ -90,7 +90,7 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
         key = slot = None
         try:
             metadata = {k: v for k, v in (context.invocation_metadata() or ())}
-            key = self.auth.authenticate(metadata)
+            key = await self.auth.identify(metadata, context.peer() or "")
             current_tenant.set(key.tenant)
             slot = await self.auth.acquire(key)
             yield

@@ -63,7 +63,8 @@ async def start_front_end(settings: Settings) -> FrontEnd:
     blobs = open_blob_store(settings)
     catalog = VideoCatalog(redis, blobs)
     uploads = Uploads(settings, redis, blobs, catalog)
-    auth = Authenticator(parse_api_keys(settings.api_keys), redis)
+    auth = Authenticator(parse_api_keys(settings.api_keys), redis, failures_max=settings.auth_failures_max,
+                         failure_window_s=settings.auth_failure_window_s)
     server = grpc.aio.server(
         interceptors=[MomentsInterceptor(auth)],
         options=[

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import time
 
 import grpc
 import pytest
@@ -17,7 +18,7 @@ from grpc_status import rpc_status
 from moments.app.client import MomentsClient
 from moments.v1 import moments_pb2_grpc as pb_grpc
 from tests.stack import staged_uploads
-from moments.service.auth import hash_key
+from moments.service.auth import hash_key, peer_host
 from moments.tools.synthetic import Event, write_event_video
 from moments.v1 import moments_pb2 as pb
 
@@ -227,3 +228,33 @@ def test_pending_upload_bytes_of_a_key_are_capped(stack_factory):
         assert quota(asyncio.run(one("alice", 1, 2 * MiB))) == ("pending_upload_bytes", 60.0)
         assert asyncio.run(one("alice", 0, 4 * MiB)).code() == grpc.StatusCode.FAILED_PRECONDITION  # resumes
         assert asyncio.run(one("bob", 0, 2 * MiB)).code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# ------------------------------------------------------------------ throttled failed authentication
+
+
+def test_failed_authentication_is_throttled_without_telling_keys_apart(stack_factory):
+    with stack_factory(workers=0, api_keys=key_spec(), auth_failures_max=3, auth_failure_window_s=2.0) as s:
+        def call(key: str) -> grpc.RpcError | None:
+            with MomentsClient(s.target, api_key=key) as client:
+                try:
+                    list(client.list_videos())
+                except grpc.RpcError as exc:
+                    return exc
+            return None
+
+        assert call(KEYS["alice"]) is None
+        for attempt in range(3):
+            assert call(f"guess-{attempt}").code() == grpc.StatusCode.UNAUTHENTICATED
+        # The peer is locked out: a right key, a wrong key and a guessed one get the same answer.
+        refused = [call(KEYS["alice"]), call("guess-0"), call("guess-new")]
+        assert {quota(exc) for exc in refused} == {("failed_auth", 2.0)}
+        assert len({exc.details() for exc in refused}) == 1
+        time.sleep(2.2)
+        assert call(KEYS["alice"]) is None
+
+
+def test_peer_host_drops_the_port():
+    assert peer_host("ipv4:10.1.2.3:50000") == "ipv4:10.1.2.3"
+    assert peer_host("ipv6:[::1]:50000") == "ipv6:[::1]"
+    assert peer_host("unix:/tmp/s") == "unix:/tmp/s"

@@ -40,6 +40,10 @@ class Settings:
         "",
         "Comma list of tenant:sha256(key)[:rate_per_s[:max_concurrent]]; empty = no auth",
     )
+    auth_failures_max: int = _setting(
+        10, "Failed authentications from one peer address, or with one presented key, within "
+            "auth_failure_window_s before every call from it gets RESOURCE_EXHAUSTED (0 = off)")
+    auth_failure_window_s: float = _setting(60.0, "Window (and lockout) of auth_failures_max")
     tls_cert: str = _setting("", "PEM server certificate (TLS on when set)")
     tls_key: str = _setting("", "PEM server private key")
     tls_client_ca: str = _setting("", "PEM CA for client certificates (mTLS on when set)")

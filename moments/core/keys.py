@@ -125,6 +125,11 @@ def rate(tenant: str, second: int) -> str:
     return f"{PREFIX}:rate:{tenant}:{second}"
 
 
+def auth_failures(subject: str) -> str:
+    """String with expiry: failed authentications of one peer address or presented-key hash."""
+    return f"{PREFIX}:authfail:{subject}"
+
+
 def inflight(tenant: str) -> str:
     return f"{PREFIX}:inflight:{tenant}"
 

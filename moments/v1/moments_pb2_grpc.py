@@ -66,7 +66,10 @@ class MomentsStub:
     or the server's disk is full (60 s; the partial upload was dropped: start it again). A tenant's
     caps add google.rpc.QuotaFailure, violations[0].subject naming the cap: "open_uploads" (upload
     streams open at once, MOMENTS_MAX_OPEN_UPLOADS, 5 s), "pending_upload_bytes" (declared bytes of
-    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s).
+    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s),
+    "failed_auth" (MOMENTS_AUTH_FAILURES_MAX failed authentications from this peer address or with
+    this key within MOMENTS_AUTH_FAILURE_WINDOW_S: every call from it is refused, whatever its key,
+    until the window passes).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
     stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
     an upload resumes from what the store holds), or the video is being stored or deleted.
@@ -183,7 +186,10 @@ class MomentsServicer:
     or the server's disk is full (60 s; the partial upload was dropped: start it again). A tenant's
     caps add google.rpc.QuotaFailure, violations[0].subject naming the cap: "open_uploads" (upload
     streams open at once, MOMENTS_MAX_OPEN_UPLOADS, 5 s), "pending_upload_bytes" (declared bytes of
-    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s).
+    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s),
+    "failed_auth" (MOMENTS_AUTH_FAILURES_MAX failed authentications from this peer address or with
+    this key within MOMENTS_AUTH_FAILURE_WINDOW_S: every call from it is refused, whatever its key,
+    until the window passes).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
     stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
     an upload resumes from what the store holds), or the video is being stored or deleted.
@@ -393,7 +399,10 @@ class Moments:
     or the server's disk is full (60 s; the partial upload was dropped: start it again). A tenant's
     caps add google.rpc.QuotaFailure, violations[0].subject naming the cap: "open_uploads" (upload
     streams open at once, MOMENTS_MAX_OPEN_UPLOADS, 5 s), "pending_upload_bytes" (declared bytes of
-    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s).
+    its unfinished uploads, MOMENTS_MAX_PENDING_UPLOAD_BYTES; finish or let some expire, 60 s),
+    "failed_auth" (MOMENTS_AUTH_FAILURES_MAX failed authentications from this peer address or with
+    this key within MOMENTS_AUTH_FAILURE_WINDOW_S: every call from it is refused, whatever its key,
+    until the window passes).
     UNAVAILABLE: retry later. No worker is alive (checked before a job is queued), every worker
     stopped during the job, Redis or the object store is unreachable (nothing partial is stored;
     an upload resumes from what the store holds), or the video is being stored or deleted.
