@@ -123,8 +123,9 @@ class MomentsInterceptor(grpc.aio.ServerInterceptor):
     def _streaming(self, name, behavior):
         async def wrapper(request, context):
             async with self._scope(name, context):
-                async for item in behavior(_parsed(request), context):
-                    yield item
+                async with contextlib.aclosing(behavior(_parsed(request), context)) as items:
+                    async for item in items:
+                        yield item
 
         return wrapper
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from dataclasses import replace
 from typing import AsyncIterator
 
@@ -78,24 +79,27 @@ class MomentsServicer(pb_grpc.MomentsServicer):
         return pb.DeleteVideoResponse(cache_entries_removed=removed)
 
     async def IndexVideo(self, request, context) -> AsyncIterator[pb.JobEvent]:
-        async for event in self._run(KIND_INDEX, request, context):
-            yield event
+        async with aclosing(self._run(KIND_INDEX, request, context)) as events:
+            async for event in events:
+                yield event
 
     async def Localize(self, request, context) -> pb.LocalizeResponse:
         results: list[pb.QueryResult] = []
         stats, job_id = None, ""
-        async for event in self._run(KIND_LOCALIZE, request, context):
-            job_id = event.job_id
-            if event.WhichOneof("event") == "result":
-                results.append(event.result)
-            elif event.WhichOneof("event") == "done":
-                stats = event.done
+        async with aclosing(self._run(KIND_LOCALIZE, request, context)) as events:
+            async for event in events:
+                job_id = event.job_id
+                if event.WhichOneof("event") == "result":
+                    results.append(event.result)
+                elif event.WhichOneof("event") == "done":
+                    stats = event.done
         results.sort(key=lambda r: r.query_index)
         return pb.LocalizeResponse(job_id=job_id, results=results, stats=stats)
 
     async def StreamLocalize(self, request, context) -> AsyncIterator[pb.JobEvent]:
-        async for event in self._run(KIND_LOCALIZE, request, context):
-            yield event
+        async with aclosing(self._run(KIND_LOCALIZE, request, context)) as events:
+            async for event in events:
+                yield event
 
     async def _run(self, kind: str, request, context) -> AsyncIterator[pb.JobEvent]:
         """Validate, submit (or join the identical open job), then stream its events until it ends."""
@@ -104,18 +108,20 @@ class MomentsServicer(pb_grpc.MomentsServicer):
         remaining = context.time_remaining()
         timeout_s = self.settings.job_timeout_s if remaining is None else min(remaining, self.settings.job_timeout_s)
         job_id = await self.jobs.submit(job)
-        async for event in self.jobs.events(job_id, time.time() + timeout_s):
-            message = event_pb(job_id, event.kind, event.data)
-            if message is None:
-                raise errors.JobFailed(f"job {job_id} failed: {event.data.get('reason', 'unknown error')}",
-                                       job_id=job_id)
-            if event.kind == jobs.DONE:
-                stats = JobStats.from_dict(event.data)
-                _observe(stats)  # operators see the true outcome
-                if await self.catalog.first_view(job.tenant, job.video_id, job.view) and stats.cache in HITS:
-                    # As this tenant would have seen it alone: another tenant's work is not shown.
-                    message = pb.JobEvent(job_id=job_id, done=replace(stats, cache="miss").to_pb())
-            yield message
+        # Closed at once however this call ends, so a caller that leaves cancels its job now.
+        async with aclosing(self.jobs.events(job_id, time.time() + timeout_s)) as events:
+            async for event in events:
+                message = event_pb(job_id, event.kind, event.data)
+                if message is None:
+                    raise errors.JobFailed(f"job {job_id} failed: {event.data.get('reason', 'unknown error')}",
+                                           job_id=job_id)
+                if event.kind == jobs.DONE:
+                    stats = JobStats.from_dict(event.data)
+                    _observe(stats)  # operators see the true outcome
+                    if await self.catalog.first_view(job.tenant, job.video_id, job.view) and stats.cache in HITS:
+                        # As this tenant would have seen it alone: another tenant's work is not shown.
+                        message = pb.JobEvent(job_id=job_id, done=replace(stats, cache="miss").to_pb())
+                yield message
 
 
 def _observe(stats: JobStats) -> None:

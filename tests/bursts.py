@@ -100,10 +100,14 @@ async def _cut_upload(stub, index: int, started: asyncio.Queue, report: BurstRep
         report.upload_codes[exc.code().name] += 1
 
 
-async def _marked(redis: aioredis.Redis, job_id: str) -> bool:
+async def _marked(redis: aioredis.Redis, job_ids: list[str]) -> list[str]:
+    """The jobs of ``job_ids`` marked cancelled or finished, in one round trip."""
     async with redis.pipeline(transaction=False) as pipe:
-        cancel, state = await pipe.exists(keys.job_cancel(job_id)).hget(keys.job(job_id), "state").execute()
-    return bool(cancel) or state in (jobs.DONE.encode(), jobs.FAILED.encode())
+        for job_id in job_ids:
+            pipe.exists(keys.job_cancel(job_id)).hget(keys.job(job_id), "state")
+        replies = await pipe.execute()
+    return [job_id for job_id, cancel, state in zip(job_ids, replies[::2], replies[1::2])
+            if cancel or state in (jobs.DONE.encode(), jobs.FAILED.encode())]
 
 
 async def burst(target: str, redis_url: str, video_id: str, *, calls: int, cancel: int, uploads: int = 0,
@@ -139,10 +143,9 @@ async def burst(target: str, redis_url: str, video_id: str, *, calls: int, cance
         pending = {waiting[i] for i in range(cancel) if waiting[i]}
         report.unmarked = cancel - len(pending)  # calls that failed before their job was queued
         while pending and time.monotonic() - cancelled_at < mark_wait_s:
-            for job_id in list(pending):
-                if await _marked(redis, job_id):
-                    report.marked_s.append(time.monotonic() - cancelled_at)
-                    pending.discard(job_id)
+            for job_id in await _marked(redis, list(pending)):
+                report.marked_s.append(time.monotonic() - cancelled_at)
+                pending.discard(job_id)
             await asyncio.sleep(0.02)
         report.unmarked += len(pending)
         await asyncio.gather(*followers, return_exceptions=True)
