@@ -22,7 +22,7 @@ from moments.tools.synthetic import Event, write_event_video
 from moments.v1 import moments_pb2 as pb
 
 KEYS = {"alice": "alice-prop-key", "bob": "bob-prop-key"}
-OPS = ("upload", "get", "list", "page", "delete", "localize", "index", "foreign_token")
+OPS = ("upload", "get", "list", "page", "delete", "localize", "localize", "index", "foreign_token")
 QUERY = ["the red square appears"]
 
 
@@ -137,12 +137,14 @@ STEPS = st.lists(st.tuples(st.sampled_from(("alice", "bob")), st.sampled_from(OP
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=STEPS)
-def test_nothing_of_one_tenant_reaches_the_other(world, tmp_path_factory, steps):
+@given(share=st.booleans(), steps=STEPS)
+def test_nothing_of_one_tenant_reaches_the_other(world, tmp_path_factory, share, steps):
     clients, base, alice_seen = world
     example = Example(clients, base, alice_seen, tmp_path_factory.mktemp("example"))
-    # Alice always uploads first, so Bob's steps meet her bytes, names and jobs.
-    for actor, op, v in [("alice", "upload", 0), ("alice", "localize", 0), *steps]:
+    # Alice always uploads and asks first, so Bob's steps meet her bytes, names, jobs and warm caches;
+    # with ``share`` Bob uploads the same bytes at once.
+    opening = [("alice", "upload", 0), ("alice", "localize", 0)] + ([("bob", "upload", 0)] if share else [])
+    for actor, op, v in [*opening, *steps]:
         example.run(actor, op, v)
     try:
         example.check()
