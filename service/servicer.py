@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from contextlib import aclosing
 from dataclasses import replace
@@ -108,8 +110,11 @@ class MomentsServicer(pb_grpc.MomentsServicer):
         remaining = context.time_remaining()
         timeout_s = self.settings.job_timeout_s if remaining is None else min(remaining, self.settings.job_timeout_s)
         job_id = await self.jobs.submit(job)
-        # Closed at once however this call ends, so a caller that leaves cancels its job now.
-        async with aclosing(self.jobs.events(job_id, time.time() + timeout_s)) as events:
+        # Closed at once however this call ends, so a caller that leaves cancels its job now: also
+        # when gRPC cancels the call while this generator waits at a yield (it never resumes then).
+        events = self.jobs.events(job_id, time.time() + timeout_s)
+        context.add_done_callback(lambda _: _close_soon(events))
+        async with aclosing(events):
             async for event in events:
                 message = event_pb(job_id, event.kind, event.data)
                 if message is None:
@@ -122,6 +127,19 @@ class MomentsServicer(pb_grpc.MomentsServicer):
                         # As this tenant would have seen it alone: another tenant's work is not shown.
                         message = pb.JobEvent(job_id=job_id, done=replace(stats, cache="miss").to_pb())
                 yield message
+
+
+_closing: set[asyncio.Task] = set()
+
+
+def _close_soon(generator) -> None:
+    async def close() -> None:
+        with contextlib.suppress(RuntimeError):  # running: it is ending (its cancellation) by itself
+            await generator.aclose()
+
+    task = asyncio.get_running_loop().create_task(close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def _observe(stats: JobStats) -> None:

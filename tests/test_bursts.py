@@ -24,7 +24,8 @@ def test_a_burst_beyond_the_pool_waits_and_cancels_cleanly(stack_factory, redis_
     monkeypatch.setattr("moments.app.client.DEFAULT_STATE", tmp_path / "state.json")
     redis_server.client().flushall()
     video = write_event_video(tmp_path / "v.mp4", [Event("red", "square", 1, 2)], seconds=4, fps=4)
-    with stack_factory(workers=1, faults={"answer_sleep_s": 2.0}, redis_max_connections=POOL) as s:
+    with stack_factory(workers=1, faults={"answer_sleep_s": 2.0}, redis_max_connections=POOL,
+                       max_open_uploads=UPLOADS) as s:
         with MomentsClient(s.target) as client:
             video_id = client.upload(video).video.video_id
         report = asyncio.run(burst(s.target, s.settings.redis_url, video_id, calls=CALLS, cancel=CANCELLED,
