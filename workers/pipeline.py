@@ -118,10 +118,12 @@ class Pipeline:
                          effective_sampling=_request_fields(work.options), rounds=1)
         coarse = search.coarse_windows(work.info, work.options, job.search)
         if job.kind == KIND_INDEX:  # warm what the questions' coarse passes will read
-            for i, window in enumerate(coarse):
+            overview = search.overview_window(work.info, work.options, coarse)
+            passes = coarse + ([overview] if overview is not None else [])
+            for i, window in enumerate(passes):
                 await ctx.check_cancelled()
-                if len(coarse) > 1:
-                    await ctx.progress("searching", i, len(coarse), "indexing windows", round=1)
+                if len(passes) > 1:
+                    await ctx.progress("searching", i, len(passes), "indexing windows", round=1)
                 stats.passes += 1
                 stats.total_visual_tokens += window.plan.visual_tokens
                 await self._tokens(work, window, ctx, stats)
