@@ -19,9 +19,10 @@ from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
 from moments.app.client import NO_RETRY, MomentsClient, localize_request
-from moments.core import jobs, keys, webhooks
+from moments.core import errors, jobs, keys, webhooks
 from moments.core.config import Settings
 from moments.core.records import KIND_LOCALIZE, Job
+from moments.service.submission import JobClient
 from moments.service.webhooks import Webhooks
 from moments.tools.synthetic import Event, write_event_video
 from moments.v1 import moments_pb2 as pb
@@ -155,6 +156,26 @@ async def test_two_front_ends_never_send_one_event_twice(redis_url):
         assert sorted(ids) == sorted(job.job_id for job in events)
         assert all(json.loads(body)["state"] == "lost" for _, body in receiver.posts)
         assert await r.zcard(keys.WEBHOOKS_DUE) == 0
+        await r.aclose()
+
+
+async def test_a_lost_job_gets_a_lost_event(redis_url):
+    settings = Settings.from_env(environ={}, redis_url=redis_url, worker_stale_s=600.0, **HOOK_SETTINGS)
+    with Receiver() as receiver:
+        r = aioredis.Redis.from_url(redis_url)
+        hooks, waiting = Webhooks(settings, r), JobClient(settings, r)
+        job = Job(kind=KIND_LOCALIZE, video_id="v" * 64, queries=("q",), callback_url=receiver.url)
+        await r.hset(keys.WORKERS_HASH, "w", time.time())
+        await r.hset(keys.job(job.job_id), mapping={"payload": job.to_json(), "state": jobs.RUNNING})
+        await r.xadd(keys.job_events(job.job_id), {"kind": "progress", "data": "{}"})
+        with pytest.raises(errors.JobLost):
+            async for _ in waiting.events(job.job_id, time.time() + 60, on_lost=lambda: hooks.job_lost(job)):
+                await r.delete(keys.job(job.job_id))  # what a failover to a lagging replica does
+        assert await hooks.deliver_due() == 1
+        headers, body = receiver.wait_for(1)[0]
+        event = webhooks.verify(SECRET, headers, body)
+        assert (event["state"], event["job_id"], event["video_id"]) == ("lost", job.job_id, job.video_id)
+        await hooks.client.aclose()
         await r.aclose()
 
 
