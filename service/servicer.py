@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import AsyncIterator
 
 from moments.core import errors, jobs
@@ -18,7 +19,7 @@ from moments.core.records import (
     event_pb,
     timestamp_pb,
 )
-from moments.service import metrics
+from moments.service import metrics, webhooks
 from moments.service.auth import current_tenant
 from moments.service.catalog import VideoCatalog
 from moments.service.submission import JobClient
@@ -28,11 +29,13 @@ from moments.v1 import moments_pb2_grpc as pb_grpc
 
 
 class MomentsServicer(pb_grpc.MomentsServicer):
-    def __init__(self, settings: Settings, uploads: Uploads, catalog: VideoCatalog, job_client: JobClient) -> None:
+    def __init__(self, settings: Settings, uploads: Uploads, catalog: VideoCatalog, job_client: JobClient,
+                 hooks: webhooks.Webhooks) -> None:
         self.settings = settings
         self.uploads = uploads
         self.catalog = catalog
         self.jobs = job_client
+        self.hooks = hooks
 
     async def UploadVideo(self, request_iterator, context) -> pb.UploadVideoResponse:
         stream = request_iterator.__aiter__()
@@ -96,11 +99,13 @@ class MomentsServicer(pb_grpc.MomentsServicer):
     async def _run(self, kind: str, request, context) -> AsyncIterator[pb.JobEvent]:
         """Validate, submit (or join the identical open job), then stream its events until it ends."""
         job = Job.from_request(kind, request, tenant=current_tenant.get(), settings=self.settings)
+        await webhooks.check_callback(job, self.settings)
         job.check_video(await self.catalog.get_owned(job.tenant, job.video_id))
         remaining = context.time_remaining()
         timeout_s = self.settings.job_timeout_s if remaining is None else min(remaining, self.settings.job_timeout_s)
         job_id = await self.jobs.submit(job)
-        async for event in self.jobs.events(job_id, time.time() + timeout_s):
+        async for event in self.jobs.events(job_id, time.time() + timeout_s,
+                                            on_lost=lambda: self.hooks.job_lost(replace(job, job_id=job_id))):
             message = event_pb(job_id, event.kind, event.data)
             if message is None:
                 raise errors.JobFailed(f"job {job_id} failed: {event.data.get('reason', 'unknown error')}",

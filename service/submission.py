@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -40,7 +40,8 @@ class JobClient:
         if not await self.live_workers():
             raise errors.Unavailable("no worker is running; try again when one is up")
         request_id = jobs.request_key(
-            job.tenant, job.kind, job.video_id, job.queries, job.sampling, job.max_new_tokens
+            job.tenant, job.kind, job.video_id, job.queries, job.sampling, job.max_new_tokens,
+            *((job.callback_url,) if job.callback_url else ()),  # each webhook its own job
         )
         dedupe = keys.job_dedupe(request_id)
         if not await self.redis.set(dedupe, job.job_id, nx=True, ex=int(self.settings.job_timeout_s) + 60):
@@ -74,14 +75,15 @@ class JobClient:
                  len(job.queries))
         return job.job_id
 
-    async def events(self, job_id: str, deadline_s: float) -> AsyncIterator[Event]:
+    async def events(self, job_id: str, deadline_s: float,
+                     on_lost: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Event]:
         """Yield the job's events until it is done or failed.
 
         Raises DeadlineExceeded at ``deadline_s``, Unavailable when every worker is gone, and
         JobLost within about ``READ_BLOCK_MS`` once the job's record has vanished (a failover
         dropped it): in each case, and when the caller goes away, the job is asked to stop. A
         query's result is yielded once, even when a rerun of the job (after a lost lease or a
-        failover) publishes it again.
+        failover) publishes it again. ``on_lost`` runs before JobLost is raised (the job's webhook).
         """
         last_id = "0-0"
         finished = False
@@ -96,7 +98,7 @@ class JobClient:
                 block_ms = int(min(READ_BLOCK_MS, remaining_s * 1000)) or 1
                 reply = await self.redis.xread({keys.job_events(job_id): last_id}, block=block_ms)
                 if not reply:
-                    await self._check_alive(job_id)
+                    await self._check_alive(job_id, on_lost)
                     last_beat_s = max(last_beat_s, await self.newest_heartbeat())
                     if time.time() - last_beat_s > self.settings.worker_stale_s:
                         raise errors.Unavailable(f"every worker stopped; job {job_id} was not finished")
@@ -118,7 +120,7 @@ class JobClient:
             if not finished:
                 await self._abandon(job_id)
 
-    async def _check_alive(self, job_id: str) -> None:
+    async def _check_alive(self, job_id: str, on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
         """Raise JobLost when the job's record is gone: its payload is what a worker needs, and
         only a lost write (a failover to a replica behind the primary, a restart) removes it while
         the job is open. What is left of it (a waiter count) is dropped."""
@@ -126,6 +128,8 @@ class JobClient:
             return
         await self.redis.delete(keys.job(job_id), keys.job_events(job_id))
         metrics.JOBS_LOST.inc()
+        if on_lost is not None:
+            await on_lost()
         log.warning("job %s lost: its record vanished from Redis (failover or restart); the caller "
                     "is told to submit it again", job_id)
         raise errors.JobLost(f"job {job_id} was lost (Redis failed over or restarted without it); "

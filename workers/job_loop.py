@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from moments.core import errors, jobs, keys
+from moments.core import errors, jobs, keys, webhooks
 from moments.core.config import Settings
 from moments.core.jobs import Event
 from moments.core.records import EVENT_PROGRESS, EVENT_RESULT, Job, JobStats, QueryResult, VideoInfo, progress_data
@@ -64,6 +64,8 @@ class JobContext:
         self.token = token
         self.lease_lost = False
         """Set when the hold found another delivery's token: the next check stops the job."""
+        self.results: dict[int, QueryResult] = {}
+        """The answers published so far, by query index (for the job's webhook event)."""
 
     async def emit(self, kind: str, data: dict) -> None:
         if self.fence is None:
@@ -76,6 +78,7 @@ class JobContext:
 
     async def result(self, result: QueryResult) -> None:
         await self.emit(EVENT_RESULT, result.to_dict())
+        self.results[result.query_index] = result
 
     async def check_cancelled(self) -> None:
         if self.lease_lost:
@@ -247,18 +250,20 @@ class JobLoop:
             self._fenced(job)
             return
         except JobCancelled as exc:
-            await self._fail(entry_id, job, str(exc), token=token)
+            await self._fail(entry_id, job, str(exc), token=token, webhook_state=webhooks.CANCELLED,
+                             results=context.results.values())
             return
         except errors.FatalDeviceError:
             log.critical("job %s hit a fatal device error; leaving the group", job_id)
             self.stop()
             raise
         except CALLER_FAULTS as exc:
-            await self._fail(entry_id, job, str(exc), token=token)
+            await self._fail(entry_id, job, str(exc), token=token, results=context.results.values())
             return
         except Exception as exc:  # noqa: BLE001 - a model error (or a bug) fails the job, not the worker
             log.exception("job %s attempt %d failed", job_id, attempt)
-            await self._retry_or_fail(entry_id, job, attempt, f"{type(exc).__name__}: {exc}", token)
+            await self._retry_or_fail(entry_id, job, attempt, f"{type(exc).__name__}: {exc}", token,
+                                      context.results.values())
             return
         finally:
             hold.cancel()
@@ -267,7 +272,8 @@ class JobLoop:
         stats.attempt = attempt
         stats.stage_ms["total"] = (time.monotonic() - started) * 1000
         stats.stage_ms["queue"] = max(0.0, (time.time() - job.created_s) * 1000 - stats.stage_ms["total"])
-        if not await self._finish(entry_id, job, jobs.DONE, stats.__dict__, token=token):
+        if not await self._finish(entry_id, job, jobs.DONE, stats.__dict__, token=token,
+                                  results=context.results.values()):
             self._fenced(job)
             return
         self.jobs_done += 1
@@ -310,18 +316,22 @@ class JobLoop:
             except Exception:  # noqa: BLE001
                 log.warning("could not refresh the hold on %s", entry_id)
 
-    async def _retry_or_fail(self, entry_id, job: Job, attempt: int, reason: str, token: str) -> None:
+    async def _retry_or_fail(self, entry_id, job: Job, attempt: int, reason: str, token: str,
+                             results=()) -> None:
         if attempt >= self.settings.job_max_attempts:
             await self.redis.hset(keys.job(job.job_id), "last_error", reason)
-            await self._fail(entry_id, job, f"failed {attempt} times: {reason}", dead_letter=True, token=token)
+            await self._fail(entry_id, job, f"failed {attempt} times: {reason}", dead_letter=True, token=token,
+                             results=results)
             return
         if not await self.fence.requeue(job.job_id, token, entry_id, reason):
             self._fenced(job)
             return
         log.info("job %s requeued after attempt %d: %s", job.job_id, attempt, reason)
 
-    async def _fail(self, entry_id, job: Job, reason: str, *, dead_letter: bool = False, token: str = "") -> None:
-        if not await self._finish(entry_id, job, jobs.FAILED, {"reason": reason}, token=token):
+    async def _fail(self, entry_id, job: Job, reason: str, *, dead_letter: bool = False, token: str = "",
+                    webhook_state: str = webhooks.FAILED, results=()) -> None:
+        if not await self._finish(entry_id, job, jobs.FAILED, {"reason": reason}, token=token,
+                                  webhook_state=webhook_state, results=results):
             if token:
                 self._fenced(job)
             return
@@ -332,9 +342,17 @@ class JobLoop:
                 {"job_id": job.job_id, "video_id": job.video_id, "reason": reason, "time": time.time()},
             )
 
-    async def _finish(self, entry_id, job: Job, state: str, data: dict, *, token: str = "") -> bool:
-        """Store the final state and acknowledge, fenced by ``token`` ('' before a lease was taken)."""
-        return await self.fence.finish(job.job_id, token, entry_id, state, Event(state, data).to_fields()["data"])
+    async def _finish(self, entry_id, job: Job, state: str, data: dict, *, token: str = "",
+                      webhook_state: str = "", results=()) -> bool:
+        """Store the final state and acknowledge, fenced by ``token`` ('' before a lease was taken);
+        the same write schedules the job's webhook event (``webhook_state``, default ``state``)."""
+        hook = None
+        if job.callback_url:
+            body = webhooks.event_body(job, webhook_state or state, reason=data.get("reason", ""),
+                                       results=results, stats=data if state == jobs.DONE else None)
+            hook = webhooks.delivery_fields(job, body)
+        return await self.fence.finish(job.job_id, token, entry_id, state, Event(state, data).to_fields()["data"],
+                                       webhook=hook)
 
     async def _ack(self, entry_id) -> None:
         await self.redis.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)

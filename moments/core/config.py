@@ -71,6 +71,15 @@ class Settings:
     allow_networks: str = _setting(
         "", "Comma list of networks (CIDR) that outbound URLs (ingest, webhooks) may reach despite being "
             "private, loopback or link-local; empty = public addresses only")
+    # Webhooks (callback_url of jobs); outbound addresses follow allow_networks.
+    webhook_secret: str = _setting("", "HMAC-SHA256 key of webhook signatures (never logged); empty and no "
+                                       "tenant secret = callback_url refused")
+    webhook_tenant_secrets: str = _setting("", "Comma list of tenant:secret, a tenant's own webhook key "
+                                               "(overrides webhook_secret for it)")
+    webhook_max_attempts: int = _setting(8, "Webhook POSTs per event before it goes to the dead-letter stream")
+    webhook_backoff_s: float = _setting(2.0, "Pause after a webhook's first failed attempt; doubles per "
+                                             "attempt (at most 1 hour), with jitter")
+    webhook_timeout_s: float = _setting(10.0, "Time limit of one webhook POST (connect to answer)")
     probe_timeout_s: float = _setting(30.0, "Time limit of the child process that probes a file")
     probe_memory_bytes: int = _setting(2 * 1024**3, "Address-space limit of the probe child")
     model: str = _setting(DEFAULT_MODEL, "Hub id or local directory of the Qwen2.5-VL checkpoint")

@@ -114,3 +114,15 @@ def inflight(tenant: str) -> str:
 def kv_owner(cache_key: str) -> str:
     """String: the worker holding the hot KV prefix of a token-cache key (affinity hint)."""
     return f"{PREFIX}:kv:{cache_key}:owner"
+
+
+# Webhooks: one delivery (a hash) per job with a callback_url, due times in a sorted set.
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+"""Sorted set of delivery ids scored by the unix ms they are due; a claim pushes the score forward."""
+WEBHOOKS_DEAD = f"{PREFIX}:webhooks:dead"
+"""Stream of webhook events that failed ``webhook_max_attempts`` times, with the body and last error."""
+
+
+def webhook(delivery_id: str) -> str:
+    """Hash: one webhook delivery (url, tenant, body, attempts, last_error)."""
+    return f"{PREFIX}:webhook:{delivery_id}"

@@ -196,12 +196,14 @@ class SamplingOptions(_message.Message):
     def __init__(self, max_fps: _Optional[float] = ..., max_frames: _Optional[int] = ..., budget_tokens: _Optional[int] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class IndexVideoRequest(_message.Message):
-    __slots__ = ("video_id", "sampling")
+    __slots__ = ("video_id", "sampling", "callback_url")
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     video_id: str
     sampling: SamplingOptions
-    def __init__(self, video_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
+    callback_url: str
+    def __init__(self, video_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
     __slots__ = ("mode", "min_event", "max_rounds", "max_passes", "max_visual_tokens")
@@ -226,20 +228,22 @@ class SearchOptions(_message.Message):
     def __init__(self, mode: _Optional[_Union[SearchOptions.Mode, str]] = ..., min_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_rounds: _Optional[int] = ..., max_passes: _Optional[int] = ..., max_visual_tokens: _Optional[int] = ...) -> None: ...
 
 class LocalizeRequest(_message.Message):
-    __slots__ = ("video_id", "queries", "sampling", "max_new_tokens", "min_confidence", "search")
+    __slots__ = ("video_id", "queries", "sampling", "max_new_tokens", "min_confidence", "search", "callback_url")
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     SEARCH_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     video_id: str
     queries: _containers.RepeatedScalarFieldContainer[str]
     sampling: SamplingOptions
     max_new_tokens: int
     min_confidence: float
     search: SearchOptions
-    def __init__(self, video_id: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., search: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+    callback_url: str
+    def __init__(self, video_id: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., search: _Optional[_Union[SearchOptions, _Mapping]] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("start_offset", "end_offset", "confidence")

@@ -48,8 +48,8 @@ class MomentsStub:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
-    says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse, "callback_url"
+    for a refused webhook URL) and .description says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
     FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
@@ -162,8 +162,8 @@ class MomentsServicer:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
-    says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse, "callback_url"
+    for a refused webhook URL) and .description says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
     FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
@@ -369,8 +369,8 @@ class Moments:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
-    says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse, "callback_url"
+    for a refused webhook URL) and .description says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
     FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
