@@ -39,7 +39,8 @@ from benchmarks.load import machine, percentile  # noqa: E402
 
 QUERIES = ("the red circle appears", "the blue square moves", "a yellow triangle shows up",
            "something green crosses", "the circle leaves", "the square stops")
-COLORS = ("red", "green", "blue", "yellow", "white", "magenta", "cyan", "orange")
+COLORS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
 
 
 def stack_settings(data_dir: Path, model_dir: Path, kv_cache_bytes: int, affinity: bool):
@@ -175,7 +176,7 @@ def main() -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="moments-scaleout-"))
-    paths = [write_event_video(work / f"v{i}.mp4", [Event(COLORS[i % len(COLORS)], "circle", 1 + i % 3, 5)],
+    paths = [write_event_video(work / f"v{i}.mp4", [Event(COLORS[i % 4], SHAPES[i % 3], 1 + i % 3, 5)],
                                seconds=8 + i, fps=6) for i in range(args.videos)]
     one_prefix = max(prefix_bytes(GROUNDER_DIR, p) for p in paths)
     budget = int(one_prefix * (args.kv_prefixes + 0.5))
