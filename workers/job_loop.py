@@ -345,7 +345,7 @@ class JobLoop:
                                                   consumername=target)
         if len(pending) >= limit:
             self.kept_local += 1
-            log.info("job %s runs here: %s, which holds its KV prefix, has %d pending", job.job_id, target, limit)
+            log.debug("job %s runs here: %s, which holds its KV prefix, has %d pending", job.job_id, target, limit)
             return False
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job(job.job_id), "handed_to", target)
