@@ -3,7 +3,8 @@ never by default. ``moments worker`` wraps its engine with :func:`maybe_faulty`.
 
 Example: ``MOMENTS_FAULTS='{"answer_error_after": 0}'`` makes every answer raise (a model error);
 ``{"device_error_after": 0}`` raises a fatal device error; ``{"encode_sleep_s": 5}`` slows encoding
-so a test can kill the worker mid-job.
+so a test can kill the worker mid-job; ``{"answer_sleep_s": 30, "answer_sleep_after": 1}`` does the
+same to every answer after the first (the first question warms the worker's KV prefix).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class FaultyEngine:
             raise FatalDeviceError("injected: CUDA error: an illegal memory access was encountered")
         if "answer_error_after" in self._faults and calls >= int(self._faults["answer_error_after"]):
             raise RuntimeError("injected model error")
+        if calls >= int(self._faults.get("answer_sleep_after", 0)):
+            time.sleep(float(self._faults.get("answer_sleep_s", 0)))
         return self._engine.generate(*args, **kwargs)
 
 

@@ -168,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the front end, workers and (if needed) a private Redis")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one per device in turn (default: one per GPU, else 1; 0 = front end only)")
+    p.add_argument("--devices", dest="worker_gpus", default=None,
+                   help="GPUs to spread the workers over, comma list (the same as --worker-gpus)")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
 

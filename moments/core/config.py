@@ -110,9 +110,11 @@ class Settings:
     token_cache_ttl_s: int = _setting(7 * 24 * 3600, "TTL of cached visual tokens in Redis")
     token_cache_chunk_bytes: int = _setting(8 * 1024**2, "Chunk size of cached visual tokens")
     kv_cache_bytes: int = _setting(4 * 1024**3, "Worker memory for hot KV prefixes (0 = off)")
-    kv_affinity: bool = _setting(True, "Hand a job to the idle worker holding its KV prefix")
+    kv_affinity: bool = _setting(
+        True, "Hand a job to the live worker holding its KV prefix, unless it has 2 x its lanes jobs pending")
     worker_gpus: str = _setting(
-        "", "GPUs `moments serve` spreads its workers over, one each in turn (comma list; empty = every visible GPU)")
+        "", "GPUs `moments serve` spreads its workers over, one each in turn (comma list, also --devices; "
+            "empty = every visible GPU)")
     worker_jobs: int = _setting(
         0, "Jobs a worker runs at once, their questions decoding in the same steps (0 = 8 on CUDA, 1 on CPU)")
     worker_name: str = _setting("", "Consumer name in the job group (default host-pid)")

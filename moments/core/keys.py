@@ -9,8 +9,8 @@ DEAD_LETTER_STREAM = f"{PREFIX}:jobs:dead"
 """Jobs that failed ``job_max_attempts`` times, with the last error."""
 WORKERS_HASH = f"{PREFIX}:workers"
 """worker name -> last heartbeat (unix seconds); used for UNAVAILABLE when none is alive."""
-WORKERS_BUSY = f"{PREFIX}:workers:busy"
-"""worker name -> id of the job it runs ("" when idle); used for KV-prefix affinity."""
+WORKER_LANES = f"{PREFIX}:workers:lanes"
+"""worker name -> jobs it runs at once; KV-prefix affinity hands a worker at most twice that many."""
 VIDEO_INDEX = f"{PREFIX}:videos"
 """Sorted set of every stored video id, scored by first upload time."""
 OPEN_JOBS = f"{PREFIX}:jobs:open"
@@ -109,6 +109,11 @@ def rate(tenant: str, second: int) -> str:
 
 def inflight(tenant: str) -> str:
     return f"{PREFIX}:inflight:{tenant}"
+
+
+def worker_wake(worker: str) -> str:
+    """Stream: one entry per job handed to ``worker``, waking its blocked read to run the job now."""
+    return f"{PREFIX}:worker:{worker}:wake"
 
 
 def kv_owner(cache_key: str) -> str:
