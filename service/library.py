@@ -23,6 +23,8 @@ from moments.service.status import to_status
 from moments.service.submission import JobClient
 
 log = logging.getLogger(__name__)
+CANCEL_RETRY_S = 0.2
+"""How long a stopping search waits for its cancelled jobs' tasks before cancelling them again."""
 SearchEvent = Union[SearchProgress, VideoFailure, SearchOutcome]
 PER_VIDEO_ERRORS = (errors.NotFound, errors.InvalidArgument, errors.ResourceExhausted, errors.JobFailed,
                     errors.JobLost)
@@ -75,9 +77,10 @@ class LibrarySearcher:
             if running:
                 log.info("library search stopped with %d of %d videos done; abandoning %d jobs", done, total,
                          len(running))
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            while running:  # again until each has stopped: a cancel can be lost in a race (seen on 3.11)
+                for task in running:
+                    task.cancel()
+                _, running = await asyncio.wait(running, timeout=CANCEL_RETRY_S)
 
     async def _all_of(self, tenant: str) -> tuple[str, ...]:
         ids = await self.catalog.owned_ids(tenant, self.settings.search_max_videos + 1)

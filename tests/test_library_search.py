@@ -132,7 +132,8 @@ def test_limit_and_min_confidence_are_honoured(library):
 
 
 def test_a_cancelled_search_submits_no_more_jobs_and_cancels_those_in_flight(library, stack_factory, tmp_path):
-    """On a stack of its own whose encoder is slow, so jobs are in flight when the caller cancels."""
+    """On a stack of its own whose encoder is slow, so jobs are in flight when the caller cancels or
+    the deadline passes."""
     redis_server = RedisServer(tmp_path / "redis")
     redis_server.start()
     redis = redis_server.client()
@@ -160,6 +161,17 @@ def test_a_cancelled_search_submits_no_more_jobs_and_cancels_those_in_flight(lib
             assert cancelled, f"no job in flight was cancelled: {states}"
             assert all(states[job_id] == b"failed" for job_id in cancelled), states  # stopped, not finished
             assert set(states.values()) <= {b"done", b"failed"}, states
+
+            # A deadline that passes mid-search stops it the same way.
+            late = "the blue triangle appears"
+            with pytest.raises(grpc.RpcError) as err:
+                run(alice.search_videos([late], all_of_mine=True, limit=10, timeout_s=1.5 * ENCODE_SLEEP_S))
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(1.0)
+            submitted = len(job_payloads(redis, late))
+            assert 1 <= submitted <= 2 * FANOUT_JOBS < len(videos), submitted
+            time.sleep(2 * ENCODE_SLEEP_S)
+            assert len(job_payloads(redis, late)) == submitted, "a job was submitted after the deadline"
     finally:
         redis_server.stop()
 

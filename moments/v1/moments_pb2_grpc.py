@@ -304,8 +304,9 @@ class MomentsServicer:
 
         A listed video the caller does not own (another tenant's, deleted, never uploaded) is a
         `video_error` with code NOT_FOUND, and the rest are answered; so is a job that failed for one
-        video (ABORTED, or INVALID_ARGUMENT for a sampling range past its end). Cancelling the call or
-        reaching its deadline stops submitting jobs and cancels the ones in flight.
+        video (ABORTED, or INVALID_ARGUMENT for a sampling range past its end). The whole search has
+        the call's deadline (see Limits: 600 s without one); cancelling the call or reaching its
+        deadline stops submitting jobs and cancels the ones in flight.
 
         Errors: INVALID_ARGUMENT for no queries or a bad one (as Localize), a limit out of range, an
         empty video list without all_of_mine (or a list with it), a malformed or repeated video id or a
