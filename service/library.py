@@ -33,6 +33,8 @@ deadline, Redis down) ends the whole call."""
 
 
 class LibrarySearcher:
+    """Runs SearchVideos for the servicer: the caller's videos, one job each, ranked hits at the end."""
+
     def __init__(self, settings: Settings, catalog: VideoCatalog, job_client: JobClient) -> None:
         self.settings = settings
         self.catalog = catalog
