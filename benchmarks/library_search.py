@@ -173,11 +173,11 @@ def measure(args) -> dict:
                                       fps=8.0, seed=i) for i, (seconds, events) in enumerate(videos)]
              for kind, videos in kinds.items()}
     settings = Settings.from_env(
-        environ={}, redis_url="", data_dir=str(workdir / "data"), listen="127.0.0.1:0", model=str(GROUNDER_DIR),
+        environ={}, redis_url="", data_dir=str(workdir / "data"), listen="127.0.0.1:0", model=args.model,
         device="cpu", budget_tokens=512, max_frames=64, max_new_tokens=24, job_timeout_s=3600.0,
         job_lease_s=60.0, kv_cache_bytes=512 * 1024**2, log_level="WARNING")
     threaded = ThreadedStack(settings)
-    out = {"machine": machine(), "videos": args.videos, "query": ASKED, "libraries": {}}
+    out = {"machine": machine(), "model": args.model, "videos": args.videos, "query": ASKED, "libraries": {}}
     with threaded as stack, MomentsClient(stack.target, state_path=workdir / "state.json") as client:
         ids = {kind: [client.upload(p).video.video_id for p in kind_paths] for kind, kind_paths in paths.items()}
 
@@ -206,6 +206,7 @@ def measure(args) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"machine: {r['machine']}")
+    print(f"model: {r['model']}")
     print(f"query {r['query']!r}; each library: {r['videos']} videos of 20-40 s, half of them showing it")
     print(f"{'library (the other half)':<44}{'ranking':<26}{'precision@10':>13}{'ratio':>7}{'recall':>8}"
           f"{'wrong ranked':>13}")
@@ -229,6 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=50)
     parser.add_argument("--seed", type=int, default=18)
+    parser.add_argument("--model", default=str(GROUNDER_DIR), help="checkpoint directory (default: the shipped grounder)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     result = measure(args)
