@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
@@ -70,7 +71,11 @@ class JobClient:
             pipe.zadd(keys.OPEN_JOBS, {job.job_id: job.created_s})
             pipe.xadd(keys.job_events(job.job_id), Event("progress", {"stage": "queued"}).to_fields())
             pipe.xadd(keys.JOBS_STREAM, {"job_id": job.job_id})
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except asyncio.CancelledError:  # it may be queued now, and nobody will follow it: stop it
+                await self.redis.set(keys.job_cancel(job.job_id), 1, ex=jobs.EVENTS_TTL_S)
+                raise
         log.info("job %s queued video=%s kind=%s queries=%d", job.job_id, job.video_id, job.kind,
                  len(job.queries))
         return job.job_id
@@ -89,8 +94,10 @@ class JobClient:
         finished = False
         last_beat_s = time.time()
         seen_results: set[int] = set()
-        await self.redis.hincrby(keys.job(job_id), "waiters", 1)
         try:
+            # Inside the try: a cancel that arrives while it runs (it ran, most likely) still gives the
+            # job up, so a job nobody follows any more never runs on unattended.
+            await self.redis.hincrby(keys.job(job_id), "waiters", 1)
             while True:
                 remaining_s = deadline_s - time.time()
                 if remaining_s <= 0:

@@ -3,7 +3,7 @@
 Uploads resume by themselves: the client remembers each file's upload id (by sha256) and, after a
 cut stream or a FAILED_PRECONDITION, continues from the server's committed offset.
 
-Calls that run a job (Localize, StreamLocalize, IndexVideo) and the video calls retry what the
+Calls that run a job (Localize, StreamLocalize, IndexVideo; not SearchVideos) and the video calls retry what the
 server calls retryable (:func:`retry_delay_s`): UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED with a
 RetryInfo (JOB_LOST: a failover dropped the job, so calling again resubmits it), waiting the
 server's ``retry_delay`` or backing off, at most ``RetryPolicy.attempts`` times. A retried stream
@@ -273,6 +273,19 @@ class MomentsClient:
         return _stream_with_retries(
             self.retry, lambda: self.stub.StreamLocalize(request, metadata=self.metadata, timeout=timeout_s),
             "StreamLocalize")
+
+    def search_videos(self, queries: Sequence[str], *, video_ids: Sequence[str] = (), all_of_mine: bool = False,
+                      limit: int = 10, min_confidence: float = 0.0, sampling: SamplingRequest | None = None,
+                      max_new_tokens: int = 0, search: pb.SearchOptions | None = None,
+                      timeout_s: float | None = None):
+        """SearchVideos over ``video_ids`` (or every video of the caller): the stream of
+        SearchVideosEvent, whose ``cancel()`` stops the search. Not retried (a retry would ask every
+        video again)."""
+        request = pb.SearchVideosRequest(
+            queries=list(queries), video_ids=list(video_ids), all_of_mine=all_of_mine, limit=limit,
+            min_confidence=min_confidence, sampling=(sampling or SamplingRequest()).to_pb(),
+            max_new_tokens=max_new_tokens, search=search)
+        return self.stub.SearchVideos(request, metadata=self.metadata, timeout=timeout_s)
 
     def index(self, video_id: str, *, sampling: SamplingRequest | None = None,
               timeout_s: float | None = None) -> Iterable[pb.JobEvent]:

@@ -105,6 +105,9 @@ class Settings:
     search_max_passes: int = _setting(64, "Most model passes (windows) per query in a search")
     search_max_visual_tokens: int = _setting(
         4_000_000, "Most visual tokens over all passes of one query's search")
+    search_fanout_jobs: int = _setting(4, "SearchVideos: most Localize jobs one library search has queued or running")
+    search_max_results: int = _setting(1000, "SearchVideos: largest limit (segments in the final results)")
+    search_max_videos: int = _setting(10000, "SearchVideos: most videos one library search covers")
     decode_backend: str = _setting("auto", "auto, pyav or decord")
     decode_threads: int = _setting(0, "Chunks of one video decoded in parallel (0 = one per core, at most 8)")
     token_cache_ttl_s: int = _setting(7 * 24 * 3600, "TTL of cached visual tokens in Redis")

@@ -137,6 +137,11 @@ class MomentsStub:
                 request_serializer=moments_dot_v1_dot_moments__pb2.LocalizeRequest.SerializeToString,
                 response_deserializer=moments_dot_v1_dot_moments__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.SearchVideos = channel.unary_stream(
+                '/moments.v1.Moments/SearchVideos',
+                request_serializer=moments_dot_v1_dot_moments__pb2.SearchVideosRequest.SerializeToString,
+                response_deserializer=moments_dot_v1_dot_moments__pb2.SearchVideosEvent.FromString,
+                _registered_method=True)
 
 
 class MomentsServicer:
@@ -290,6 +295,28 @@ class MomentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchVideos(self, request, context):
+        """Asks the same queries of many of the caller's videos (a list, or all of them) and ranks what was
+        found across the library by calibrated confidence. Each video is an ordinary Localize job (the
+        token cache and hot KV prefixes serve repeat searches), at most MOMENTS_SEARCH_FANOUT_JOBS (4)
+        of them queued or running at once per call. Streams `progress` after each video, a
+        `video_error` for each video that could not be answered, and last `results`.
+
+        A listed video the caller does not own (another tenant's, deleted, never uploaded) is a
+        `video_error` with code NOT_FOUND, and the rest are answered; so is a job that failed for one
+        video (ABORTED, or INVALID_ARGUMENT for a sampling range past its end). The whole search has
+        the call's deadline (see Limits: 600 s without one); cancelling the call or reaching its
+        deadline stops submitting jobs and cancels the ones in flight.
+
+        Errors: INVALID_ARGUMENT for no queries or a bad one (as Localize), a limit out of range, an
+        empty video list without all_of_mine (or a list with it), a malformed or repeated video id or a
+        list over MOMENTS_SEARCH_MAX_VIDEOS (10000); UNAVAILABLE when no worker is alive;
+        DEADLINE_EXCEEDED when the deadline passed first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MomentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -337,6 +364,11 @@ def add_MomentsServicer_to_server(servicer, server):
                     servicer.StreamLocalize,
                     request_deserializer=moments_dot_v1_dot_moments__pb2.LocalizeRequest.FromString,
                     response_serializer=moments_dot_v1_dot_moments__pb2.JobEvent.SerializeToString,
+            ),
+            'SearchVideos': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchVideos,
+                    request_deserializer=moments_dot_v1_dot_moments__pb2.SearchVideosRequest.FromString,
+                    response_serializer=moments_dot_v1_dot_moments__pb2.SearchVideosEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -640,6 +672,33 @@ class Moments:
             '/moments.v1.Moments/StreamLocalize',
             moments_dot_v1_dot_moments__pb2.LocalizeRequest.SerializeToString,
             moments_dot_v1_dot_moments__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchVideos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moments.v1.Moments/SearchVideos',
+            moments_dot_v1_dot_moments__pb2.SearchVideosRequest.SerializeToString,
+            moments_dot_v1_dot_moments__pb2.SearchVideosEvent.FromString,
             options,
             channel_credentials,
             insecure,
