@@ -12,13 +12,18 @@ ENV PATH=/venv/bin:$PATH
 # The sources are installed, then removed: a moments/ folder in the working directory would shadow
 # the installed package (its service/, workers/ and tools/ are mapped into it).
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone, so a change of code or README reuses this layer.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+    print('\\n'.join(p['dependencies']))" >/tmp/requirements.txt \
+    && pip install -q -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY README.md ./
 COPY moments ./moments
 COPY service ./service
 COPY workers ./workers
 COPY tools ./tools
 COPY protos ./protos
-RUN pip install -q . && cd / && rm -rf /src
+RUN pip install -q --no-deps . && cd / && rm -rf /src
 WORKDIR /app
 COPY docker/healthcheck.py /app/healthcheck.py
 ENV MOMENTS_LISTEN=127.0.0.1:50051 \

@@ -19,13 +19,18 @@ RUN if ls /tmp/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; \
 # The sources are installed, then removed: a moments/ folder in the working directory would shadow
 # the installed package (its service/, workers/ and tools/ are mapped into it).
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone, so a change of code or README reuses this layer.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+    print('\\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" >/tmp/requirements.txt \
+    && pip install -q -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY README.md ./
 COPY moments ./moments
 COPY service ./service
 COPY workers ./workers
 COPY tools ./tools
 COPY protos ./protos
-RUN pip install -q ".[worker]" && cd / && rm -rf /src \
+RUN pip install -q --no-deps . && cd / && rm -rf /src \
     && ln -s "$(python -c 'from moments.tools import GROUNDER_DIR; print(GROUNDER_DIR)')" /opt/grounder
 WORKDIR /app
 COPY docker/healthcheck.py /app/healthcheck.py
