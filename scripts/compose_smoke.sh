@@ -14,9 +14,17 @@ cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 BLOB=${SMOKE_BLOB:-local}
-export STACK_REDIS_PORT=${STACK_REDIS_PORT:-56379} STACK_GRPC_PORT=${STACK_GRPC_PORT:-56051}
-export STACK_METRICS_PORT=${STACK_METRICS_PORT:-56100} STACK_TAG=${STACK_TAG:-latest}
-S3_PORT=${SMOKE_S3_PORT:-56900}
+# Free loopback ports unless given: on a shared host a fixed port may be taken (the compose file's
+# defaults, 56xxx, lie in Linux's ephemeral range). Every socket stays bound until all four are chosen.
+read -r port1 port2 port3 port4 < <("$PY" -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
+export STACK_REDIS_PORT=${STACK_REDIS_PORT:-$port1} STACK_GRPC_PORT=${STACK_GRPC_PORT:-$port2}
+export STACK_METRICS_PORT=${STACK_METRICS_PORT:-$port3} STACK_TAG=${STACK_TAG:-latest}
+S3_PORT=${SMOKE_S3_PORT:-$port4}
 COMPOSE=(docker-compose -f docker/compose.yaml -p "${SMOKE_PROJECT:-moments-smoke}")
 HEALTH_TIMEOUT_S=${SMOKE_HEALTH_TIMEOUT_S:-300}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
