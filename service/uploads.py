@@ -27,7 +27,10 @@ from moments.service.ingest import Source, open_source, unavailable
 
 log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 1024 * 1024
-LOCK_TTL_S = 60
+LOCK_TTL_S = 10
+"""The writer lock of an upload lasts this long past its holder's last refresh: the stream holding it
+refreshes it every third of that (:meth:`UploadService._hold`), so a front end killed mid-upload
+keeps its client waiting (UPLOAD_BUSY with a RetryInfo) seconds, not a minute."""
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -84,9 +87,11 @@ class Uploads:
             return state
         async with self._hold(state.upload_id) as lock:
             if lock is None:
+                left_ms = await self.redis.pttl(keys.upload_writer(state.upload_id))
                 raise errors.FailedPrecondition(
                     "another stream is writing this upload; retry when it ends",
                     committed_bytes=None, upload_id=state.upload_id,
+                    retry_after_s=min(float(LOCK_TTL_S), max(0.5, left_ms / 1000)),
                 )
             try:
                 return await self._receive(state, chunks, lock)
@@ -155,10 +160,26 @@ class Uploads:
 
     @contextlib.asynccontextmanager
     async def _hold(self, upload_id: str) -> AsyncIterator[RedisLock | None]:
-        """The writer lock of an upload: yields it, or None when someone else holds it."""
+        """The writer lock of an upload: yields it, or None when someone else holds it. While held it
+        is refreshed in the background (a probe or a slow disk between chunks keeps it too)."""
         lock = RedisLock(self.redis, keys.upload_writer(upload_id), LOCK_TTL_S)
         async with lock.held() as taken:
-            yield lock if taken else None
+            keeper = asyncio.create_task(self._keep_lock(lock)) if taken else None
+            try:
+                yield lock if taken else None
+            finally:
+                if keeper is not None:
+                    keeper.cancel()
+
+    @staticmethod
+    async def _keep_lock(lock: RedisLock) -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL_S / 3)
+            try:
+                if not await lock.refresh():
+                    return  # taken over: the stream's own check (_keep_hold) stops it
+            except RedisError:
+                log.warning("could not refresh the writer lock %s", lock.name)
 
     async def _keep_hold(self, state: UploadState, lock: RedisLock, staging: Staging) -> None:
         # A lapsed hold nobody took is taken back, while the upload still exists (the janitor may
