@@ -601,16 +601,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def recovery_s(calls: list[Call], at_s: float, started: float) -> float | None:
     """From ``at_s`` (run time) to the first success of a call of each kind started after it, the
-    slowest kind counting; None when some kind never succeeded again."""
+    slowest kind counting (a kind not called after ``at_s`` does not count); None when some kind
+    was called and never succeeded again."""
     worst = 0.0
     for kind in CALL_KINDS:
-        ends = [c.ended_s - started for c in calls
-                if c.kind == kind and c.outcome == "ok" and c.started_s - started >= at_s]
-        if not ends:
-            if any(c.kind == kind for c in calls):
-                return None
-            continue
-        worst = max(worst, min(ends) - at_s)
+        after = [c for c in calls if c.kind == kind and c.started_s - started >= at_s]
+        ends = [c.ended_s - started for c in after if c.outcome == "ok"]
+        if after and not ends:
+            return None
+        if ends:
+            worst = max(worst, min(ends) - at_s)
     return worst
 
 
@@ -777,8 +777,9 @@ class Report:
 
 
 def _final_call(target: str, video: tuple[Path, str], workdir: Path) -> str:
-    """One upload and Localize once the faults are over: the service answers, and the token cache
-    holds an entry for the self-test to corrupt."""
+    """One upload and Localize of a video no client used, once the faults are over: the service
+    answers, and the token cache holds an entry for the self-test to corrupt (a worker's hot KV
+    prefix can answer a client's re-uploaded video without writing its tokens again)."""
     path, query = video
     try:
         with MomentsClient(target, state_path=workdir / "final.json", retry=Clients.POLICY) as client:
@@ -825,7 +826,7 @@ def run(config: ChaosConfig) -> Report:
         run_s = time.monotonic() - origin
         hung = clients.stop(config.drain_s)
         time.sleep(2.0)  # the last fenced writes and acks land
-        final = _final_call(service.target, videos[0], workdir)
+        final = _final_call(service.target, client_video(video_dir / "final.mp4", config.clients), workdir)
         stores = store_checks(settings, data_dir)
         calls = list(clients.calls)
         baseline = [r for r in (recovery_s([c for c in calls if c.started_s - origin < started_faults_s], m, origin)
