@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -78,6 +79,9 @@ class Uploads:
         self.redis = redis
         self.blobs = blobs
         self.catalog = catalog
+        self._probes = asyncio.Semaphore(settings.max_probes or os.cpu_count() or 1)
+        """Probe children at once: a burst of uploads waits its turn here instead of starving every
+        probe of CPU past probe_timeout_s (the chaos soak saw 32 at once fail as INVALID_ARGUMENT)."""
 
     async def receive(
         self, tenant: str, header: UploadHeader, chunks: AsyncIterator[UploadChunk]
@@ -280,16 +284,17 @@ class Uploads:
         """Probe the verified bytes (discarding them if they are no video), then store them."""
         started = time.monotonic()
         try:
-            info = await probe_file_async(
-                await asyncio.to_thread(staging.probe_target),
-                video_id=state.sha256,
-                size_bytes=state.size_bytes,
-                filename=state.filename,
-                timeout_s=self.settings.probe_timeout_s,
-                memory_bytes=self.settings.probe_memory_bytes,
-                max_duration_s=self.settings.max_duration_s,
-                max_pixels=self.settings.max_pixels_per_frame,
-            )
+            async with self._probes:
+                info = await probe_file_async(
+                    await asyncio.to_thread(staging.probe_target),
+                    video_id=state.sha256,
+                    size_bytes=state.size_bytes,
+                    filename=state.filename,
+                    timeout_s=self.settings.probe_timeout_s,
+                    memory_bytes=self.settings.probe_memory_bytes,
+                    max_duration_s=self.settings.max_duration_s,
+                    max_pixels=self.settings.max_pixels_per_frame,
+                )
         except errors.InvalidVideo:
             await self._discard(state, staging)
             raise

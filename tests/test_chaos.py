@@ -93,8 +93,9 @@ def test_a_worker_stopped_past_its_lease_writes_no_second_result(stack_factory, 
 def test_short_chaos_run_loses_nothing(tmp_path):
     """Every fault kind once, with clients calling all along: nothing lost, duplicated, corrupt or
     left behind, every error retryable, the service recovered from each fault."""
-    config = ChaosConfig(workdir=tmp_path, duration_s=38.0, baseline_s=6.0, front_ends=2, workers=2, clients=3,
-                         fault_every_s=6.5, job_lease_s=3.0, fill_s=2.0, call_timeout_s=60.0, drain_s=60.0)
+    config = ChaosConfig(workdir=tmp_path, duration_s=34.0, baseline_s=5.0, front_ends=2, workers=2, clients=3,
+                         fault_every_s=5.5, max_faults=len(FAULT_KINDS), job_lease_s=3.0, fill_s=2.0,
+                         call_timeout_s=60.0, drain_s=60.0)
     report = run(config)
     table = report.table()
     print(table)

@@ -445,3 +445,51 @@ def test_a_live_stream_keeps_its_writer_lock_past_the_ttl(front, stub, tmp_path)
     assert upload(stub, slow()).video.video_id == hashlib.sha256(data).hexdigest()
     assert seen["held_s"] >= LOCK_TTL_S + 1, "the lock lapsed while its stream was alive"
     assert seen["ttl_s"] > 0
+
+
+def _probe_children() -> int:
+    """Probe children of this process (the test's front end runs in it), not other tests' on the host."""
+    count = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == os.getpid() and b"moments.media.probe\0--child" in (proc / "cmdline").read_bytes():
+                    count += 1
+            except (OSError, IndexError, ValueError):
+                pass
+    return count
+
+
+def test_a_burst_of_uploads_probes_a_few_at_a_time(stack_factory, tmp_path):
+    """32 uploads at once on 2 cores started 32 probe children, which starved each other past the
+    probe's time limit and failed as INVALID_ARGUMENT (the chaos soak). The front end runs at most
+    max_probes of them; the others wait (not counted in probe_timeout_s), and every upload is stored."""
+    datas = [write_event_video(tmp_path / f"burst-{i}.mp4", [Event("green", "triangle", 0.5, 1.5 + i / 10)],
+                               seconds=3, fps=5, width=160, height=120).read_bytes() for i in range(6)]
+    most = []
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            most.append(_probe_children())
+            time.sleep(0.01)
+
+    with stack_factory(workers=0, max_probes=1) as s, grpc.insecure_channel(s.target) as channel:
+        stub = pb_grpc.MomentsStub(channel)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        boxes = []
+        threads = []
+        for data in datas:
+            box: dict = {}
+            boxes.append(box)
+            threads.append(threading.Thread(target=lambda d=data, b=box: b.update(
+                response=stub.UploadVideo(iter([header(d), *chunks(d)]), timeout=120))))
+            threads[-1].start()
+        for thread in threads:
+            thread.join(120)
+        sampling.set()
+        sampler.join()
+    assert [b["response"].video.video_id for b in boxes] == [hashlib.sha256(d).hexdigest() for d in datas]
+    assert max(most) == 1, f"probe children seen at once: {max(most)}"

@@ -602,15 +602,15 @@ def percentile(values: list[float], q: float) -> float:
 def recovery_s(calls: list[Call], at_s: float, started: float) -> float | None:
     """From ``at_s`` (run time) to the first success of a call of each kind started after it, the
     slowest kind counting (a kind not called after ``at_s`` does not count); None when some kind
-    was called and never succeeded again."""
-    worst = 0.0
+    was called and never succeeded again, or nothing was called after it."""
+    worst: float | None = None
     for kind in CALL_KINDS:
         after = [c for c in calls if c.kind == kind and c.started_s - started >= at_s]
         ends = [c.ended_s - started for c in after if c.outcome == "ok"]
         if after and not ends:
             return None
         if ends:
-            worst = max(worst, min(ends) - at_s)
+            worst = max(worst or 0.0, min(ends) - at_s)
     return worst
 
 
