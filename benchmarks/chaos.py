@@ -1,5 +1,5 @@
 """Chaos soak (issue 17): front ends, workers and a Sentinel-managed Redis under a fault schedule
-while clients keep calling; prints the figures table (``moments.tools.chaos`` is the harness).
+while clients keep calling; prints the figures table (``moments.app.chaos`` is the harness).
 
     .venv/bin/python benchmarks/chaos.py --duration-s 600 --front-ends 2 --workers 3 --clients 32 \\
         --fault-every-s 10
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moments.tools.chaos import FAULT_KINDS, ChaosConfig, run
+from moments.app.chaos import FAULT_KINDS, ChaosConfig, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """Chaos, for real: a Sentinel-managed Redis that fails over, a worker stopped past its lease, and a
-short run of the soak harness (``moments.tools.chaos``; the long run is ``benchmarks/chaos.py``)."""
+short run of the soak harness (``moments.app.chaos``; the long run is ``benchmarks/chaos.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import redis
 
 from moments.app.client import MomentsClient, RetryPolicy
 from moments.core import jobs, keys
-from moments.tools.chaos import FAULT_KINDS, ChaosConfig, RedisDeployment, run
+from moments.app.chaos import FAULT_KINDS, ChaosConfig, RedisDeployment, run
 from moments.tools.synthetic import Event, write_event_video
 from tests.test_reliability import call_in_thread, running_worker
 
