@@ -83,6 +83,10 @@ class JobContext:
         if self.job.deadline_s and time.time() > self.job.deadline_s:
             raise JobCancelled("deadline passed")
         if await self.redis.exists(keys.job_cancel(self.job.job_id)):
+            waiters = await self.redis.hget(keys.job(self.job.job_id), "waiters")
+            if waiters is not None and int(waiters) > 0:  # a caller joined after the last one left
+                await self.redis.delete(keys.job_cancel(self.job.job_id))
+                return
             raise JobCancelled("cancelled by the caller")
 
 
