@@ -108,3 +108,34 @@ def test_a_retry_that_joins_its_own_cancelled_job_keeps_it_running(redis_url):
     assert again == first, "the retry joined the open job"
     assert cleared, "joining cleared the cancel mark the cut call left"
     assert worker_ran_on, "a worker seeing a cancel mark while a caller waits clears it and runs on"
+
+
+def test_a_worker_outlives_redis_going_away_mid_entry(tmp_path):
+    """Found by the chaos soak: after a failover a worker's command met 'The previous master is now
+    a slave' past its retries, the error left the job loop and the worker process exited (then every
+    call got UNAVAILABLE 'no worker is running'). Now the entry stays pending and the loop runs on."""
+    from tests.conftest import RedisServer
+    from moments.workers.job_loop import JobLoop
+
+    server = RedisServer(tmp_path / "r")
+    server.start()
+
+    async def handle_while_gone() -> JobLoop:
+        redis = connect(server.url)
+        try:
+            loop = JobLoop(Settings.from_env(environ={}, redis_url=server.url), redis, handler=None, name="w")
+            server.stop()  # SIGKILL: every command now fails after the client's retries
+            slots = asyncio.Semaphore(1)
+            await slots.acquire()
+            loop._start((b"1-0", {b"job_id": b"j"}), slots)
+            await asyncio.gather(*loop._running.values())  # raised ConnectionError before the fix
+            assert not slots.locked(), "the lane was given back"
+            return loop
+        finally:
+            await redis.aclose()
+
+    try:
+        loop = asyncio.run(handle_while_gone())
+        assert loop._fatal is None and not loop._stopping.is_set(), "the worker keeps serving"
+    finally:
+        server.stop()
