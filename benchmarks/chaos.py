@@ -10,6 +10,8 @@ Loopback only; root mounts a small tmpfs on the run's data directory for the dis
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import tempfile
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report.table(), flush=True)
         if args.workdir:
             (Path(args.workdir) / "report.md").write_text(report.table() + "\n")
+            calls = [dataclasses.asdict(c) for c in report.calls]
+            (Path(args.workdir) / "calls.json").write_text(json.dumps(
+                {"origin_s": report.run_origin, "calls": calls, "faults": [dataclasses.asdict(f) for f in report.faults]}))
     return 0
 
 

@@ -106,5 +106,6 @@ def test_short_chaos_run_loses_nothing(tmp_path):
     assert report.stores["leftover"] == [], table
     assert report.non_retryable == [], table
     assert report.final_call == "ok", table
+    assert report.exited == [], table
     assert all(v is not None for values in report.recovery().values() for v in values), table
     assert sum(c.outcome == "ok" for c in report.calls) > 10, table

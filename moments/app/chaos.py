@@ -269,8 +269,9 @@ class Service:
         self.ports = [free_port() for _ in range(config.front_ends)]
         self.fronts: list[Proc] = [self._front(i) for i in range(config.front_ends)]
         self.workers: list[Proc] = []
-        self.worker_names: list[str] = []
         self.generation = 0
+        self.exited: list[str] = []
+        """Processes found exited on their own (not by a fault), with their exit codes."""
 
     def _front(self, index: int) -> Proc:
         env = {**self.env, "MOMENTS_LISTEN": f"127.0.0.1:{self.ports[index]}"}
@@ -302,11 +303,21 @@ class Service:
                 raise TimeoutError("the workers did not start in time")
             time.sleep(0.2)
 
+    def _note_exit(self, proc: Proc) -> None:
+        if proc.popen is not None and proc.popen.poll() is not None:
+            self.exited.append(f"{proc.name} (exit {proc.popen.returncode})")
+
+    def note_exits(self) -> None:
+        for proc in [*self.fronts, *self.workers]:
+            self._note_exit(proc)
+
     def restart_front(self, index: int) -> None:
+        self._note_exit(self.fronts[index])
         self.fronts[index].kill()
         self.fronts[index] = self._front(index).start()
 
     def restart_worker(self, index: int) -> None:
+        self._note_exit(self.workers[index])
         self.workers[index].kill()
         self.workers[index] = self._worker(index).start()
 
@@ -614,6 +625,18 @@ def recovery_s(calls: list[Call], at_s: float, started: float) -> float | None:
     return worst
 
 
+def recovery_by_kind(calls: list[Call], at_s: float, started: float) -> dict[str, float | None]:
+    """Call kind -> seconds from ``at_s`` to the first success of a call of that kind started after
+    it (None: called, never succeeded); kinds not called after ``at_s`` are left out."""
+    out: dict[str, float | None] = {}
+    for kind in CALL_KINDS:
+        after = [c for c in calls if c.kind == kind and c.started_s - started >= at_s]
+        ends = [c.ended_s - started for c in after if c.outcome == "ok"]
+        if after:
+            out[kind] = min(ends) - at_s if ends else None
+    return out
+
+
 def store_checks(settings: Settings, data_dir: Path) -> dict:
     """What Redis and the blob directory hold once the run is over: duplicate terminal events,
     republished results, corrupt token-cache entries (and a self-test), leftover files."""
@@ -687,6 +710,9 @@ class Report:
     run_s: float
     baseline_recovery_s: list[float]
     run_origin: float
+    exited: list[str]
+    """Front ends and workers that exited on their own during the run."""
+    baseline_marks_s: list[float]
 
     @property
     def lost(self) -> list[Call]:
@@ -752,6 +778,8 @@ class Report:
                   f"| corrupt token-cache entries (self-test: {self.stores['self_test']}) | {len(self.stores['corrupt'])} | 0 |",
                   f"| leftover temp / part / orphan files | {len(self.stores['leftover'])} | 0 |",
                   f"| jobs left open | {self.stores['open_jobs']} | 0 |",
+                  f"| front ends and workers that exited on their own | {len(self.exited)} "
+                  f"{' '.join(self.exited[:5])} | 0 |",
                   f"| a call after the last fault (upload + Localize) | {self.final_call} | ok |",
                   f"| errors a client saw that are not retryable | {len(self.non_retryable)} | 0 |",
                   f"| Sentinel failover (kill -> new primary named), p50 / max | "
@@ -766,6 +794,22 @@ class Report:
             got = [v for v in values if v is not None]
             lines.append(f"| {kind} | {len(values)} | {percentile(got, 50):.1f} | {percentile(got, 99):.1f} | "
                          f"{len(values) - len(got)} | p99 <= 10 s |")
+        lines += ["", "| recovery per call kind, p50 / p99 s (never) | " + " | ".join(CALL_KINDS) + " |",
+                  "|---|" + "---|" * len(CALL_KINDS)]
+        marks = [("baseline", m) for m in self.baseline_marks_s] + [(f.kind, f.at_s) for f in self.faults]
+        for row in ["baseline", *dict.fromkeys(f.kind for f in self.faults)]:
+            per_kind: dict[str, list[float | None]] = defaultdict(list)
+            for name, at_s in marks:
+                if name == row:
+                    calls = [c for c in self.calls if name != "baseline" or c.started_s - self.run_origin < self.started_faults_s]
+                    for kind, value in recovery_by_kind(calls, at_s, self.run_origin).items():
+                        per_kind[kind].append(value)
+            cells = []
+            for kind in CALL_KINDS:
+                got = [v for v in per_kind[kind] if v is not None]
+                never = len(per_kind[kind]) - len(got)
+                cells.append(f"{percentile(got, 50):.1f} / {percentile(got, 99):.1f}" + (f" ({never})" if never else ""))
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
         if self.non_retryable:
             lines += ["", "errors not retryable: " + "; ".join(f"{k} {c} {d[:80]}" for k, c, d in self.non_retryable[:10])]
         if self.stores["leftover"]:
@@ -824,6 +868,7 @@ def run(config: ChaosConfig) -> Report:
             turn += 1
             time.sleep(max(0.0, config.fault_every_s - (time.monotonic() - fault_started)))
         run_s = time.monotonic() - origin
+        service.note_exits()
         hung = clients.stop(config.drain_s)
         time.sleep(2.0)  # the last fenced writes and acks land
         final = _final_call(service.target, client_video(video_dir / "final.mp4", config.clients), workdir)
@@ -834,7 +879,7 @@ def run(config: ChaosConfig) -> Report:
         report = Report(config, calls, faults.done, faults.skipped, hung, clients.duplicates, stores, final,
                         deployment.failovers_s, _count_in_logs(logs, "another delivery holds its lease", "worker-*.log"),
                         _count_in_logs(logs, "lost: its record vanished", "front-*.log"), started_faults_s, run_s,
-                        baseline, origin)
+                        baseline, origin, list(service.exited), marks[:-1])
         return report
     finally:
         if service is not None:
