@@ -51,6 +51,9 @@ class JobClient:
                 jobs.QUEUED.encode(),
                 jobs.RUNNING.encode(),
             ):
+                # A retry often joins the job its own cut call just cancelled (it was the last
+                # waiter): the cancel mark goes, or the worker fails the job under the new caller.
+                await self.redis.delete(keys.job_cancel(existing.decode()))
                 log.info("job %s joins identical open job %s", job.job_id, existing.decode())
                 return existing.decode()
             await self.redis.set(dedupe, job.job_id, ex=int(self.settings.job_timeout_s) + 60)

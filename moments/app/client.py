@@ -172,8 +172,10 @@ def localize_request(
     )
 
 
-def channel_options() -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+def channel_options() -> list[tuple[str, int | str]]:
+    """Large answers; calls spread round-robin over every address a target names (``ipv4:a,b`` or a
+    DNS name with several), so one front end going away leaves the others answering."""
+    return [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin")]
 
 
 def _metadata(api_key: str | None) -> list[tuple[str, str]]:
@@ -244,6 +246,8 @@ class MomentsClient:
                 delay = retry_delay_s(exc, attempt, self.retry)
                 if exc.code() not in RETRYABLE and delay is None:
                     raise
+                if delay is None and _retry_info_s(exc) is not None:  # UPLOAD_BUSY: the lock's time left
+                    delay = min(self.retry.max_delay_s, _retry_info_s(exc))
                 log.warning("upload interrupted (%s); resuming", exc.code().name)
                 # e.g. the server is still closing a cut stream, or its disk is full (RetryInfo)
                 time.sleep(delay if delay is not None else min(0.2 * 2**attempt, 5.0))

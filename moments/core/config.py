@@ -82,6 +82,8 @@ class Settings:
     webhook_timeout_s: float = _setting(10.0, "Time limit of one webhook POST (connect to answer)")
     probe_timeout_s: float = _setting(30.0, "Time limit of the child process that probes a file")
     probe_memory_bytes: int = _setting(2 * 1024**3, "Address-space limit of the probe child")
+    max_probes: int = _setting(0, "Probe children one front end runs at once (0 = one per core); more uploads "
+                                  "wait their turn, and the wait does not count toward probe_timeout_s")
     model: str = _setting(DEFAULT_MODEL, "Hub id or local directory of the Qwen2.5-VL checkpoint")
     device: str = _setting("auto", "Torch device for the worker (auto, cpu, cuda, cuda:1)")
     dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")

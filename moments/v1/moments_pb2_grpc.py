@@ -58,7 +58,8 @@ class MomentsStub:
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
-    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    closing a cut stream, or a front end died holding it); retry after the RetryInfo's
+    retry_delay (the other stream's hold lapses within 10 s). metadata["upload_id"].
     reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
@@ -177,7 +178,8 @@ class MomentsServicer:
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
-    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    closing a cut stream, or a front end died holding it); retry after the RetryInfo's
+    retry_delay (the other stream's hold lapses within 10 s). metadata["upload_id"].
     reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
@@ -411,7 +413,8 @@ class Moments:
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
-    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    closing a cut stream, or a front end died holding it); retry after the RetryInfo's
+    retry_delay (the other stream's hold lapses within 10 s). metadata["upload_id"].
     reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
