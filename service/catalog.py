@@ -96,6 +96,10 @@ class VideoCatalog:
         token = await self._make_token(tenant, start + size) if len(ids) > size else ""
         return videos, token
 
+    async def owned_ids(self, tenant: str, most: int) -> list[str]:
+        """Ids of up to ``most`` of the tenant's videos, newest first."""
+        return [raw.decode() for raw in await self.redis.zrevrange(keys.tenant_videos(tenant), 0, most - 1)]
+
     async def _secret(self) -> bytes:
         """The key page tokens are signed with: one random secret in Redis, shared by every front end."""
         if self._token_secret is None:

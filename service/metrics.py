@@ -22,3 +22,6 @@ CACHE_EVENTS = Counter("moments_token_cache_total", "Visual-token cache outcomes
 UPLOAD_BYTES = Counter("moments_upload_bytes_total", "Bytes received by UploadVideo")
 JOBS_LOST = Counter("moments_jobs_lost_total", "Jobs whose record vanished from Redis while a caller waited "
                                                "(failover or restart); the caller got ABORTED JOB_LOST")
+WEBHOOK_DELIVERIES = Counter("moments_webhook_deliveries_total", "Webhook POST attempts by outcome: delivered, "
+                                                                 "retried (failed, tried again later), dead "
+                                                                 "(given up: in the dead-letter stream)", ["outcome"])

@@ -23,6 +23,7 @@ from moments.service.reflection import enable_reflection
 from moments.service.servicer import MomentsServicer
 from moments.service.submission import JobClient
 from moments.service.uploads import Uploads
+from moments.service.webhooks import Webhooks
 from moments.v1 import moments_pb2, moments_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ async def start_front_end(settings: Settings) -> FrontEnd:
     )
     job_client = JobClient(settings, redis, reader=EventReader(connect(settings, max_connections=2)),
                            cancel_redis=connect(settings, max_connections=CANCEL_CONNECTIONS))
-    moments_pb2_grpc.add_MomentsServicer_to_server(MomentsServicer(settings, uploads, catalog, job_client), server)
+    hooks = Webhooks(settings, redis)
+    moments_pb2_grpc.add_MomentsServicer_to_server(MomentsServicer(settings, uploads, catalog, job_client, hooks),
+                                                   server)
     health = WorkerHealth(HealthServicer(), HEALTH_NAMES, job_client.live_workers,
                           interval_s=min(1.0, settings.worker_stale_s / 4))
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -86,7 +89,8 @@ async def start_front_end(settings: Settings) -> FrontEnd:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
     front = FrontEnd(server, health, redis, uploads, port, job_client,
-                     tasks=(asyncio.create_task(health.run()), asyncio.create_task(_janitor(uploads))))
+                     tasks=(asyncio.create_task(health.run()), asyncio.create_task(_janitor(uploads)),
+                            asyncio.create_task(hooks.run())))
     log.info("front end listening on port %d (tls=%s, auth=%s)", port, bool(settings.tls_cert),
              auth.enabled)
     return front

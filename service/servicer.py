@@ -11,6 +11,7 @@ from typing import AsyncIterator
 
 from moments.core import errors, jobs
 from moments.core.config import Settings
+from moments.core.library import LibrarySearch
 from moments.core.records import (
     KIND_INDEX,
     KIND_LOCALIZE,
@@ -22,9 +23,10 @@ from moments.core.records import (
     event_pb,
     timestamp_pb,
 )
-from moments.service import metrics
+from moments.service import metrics, webhooks
 from moments.service.auth import current_tenant
 from moments.service.catalog import VideoCatalog
+from moments.service.library import LibrarySearcher
 from moments.service.submission import JobClient
 from moments.service.uploads import Uploads
 from moments.v1 import moments_pb2 as pb
@@ -35,11 +37,14 @@ HITS = ("tokens", "kv")
 
 
 class MomentsServicer(pb_grpc.MomentsServicer):
-    def __init__(self, settings: Settings, uploads: Uploads, catalog: VideoCatalog, job_client: JobClient) -> None:
+    def __init__(self, settings: Settings, uploads: Uploads, catalog: VideoCatalog, job_client: JobClient,
+                 hooks: webhooks.Webhooks) -> None:
         self.settings = settings
         self.uploads = uploads
         self.catalog = catalog
         self.jobs = job_client
+        self.hooks = hooks
+        self.library = LibrarySearcher(settings, catalog, job_client)
 
     async def UploadVideo(self, request_iterator, context) -> pb.UploadVideoResponse:
         stream = request_iterator.__aiter__()
@@ -103,16 +108,28 @@ class MomentsServicer(pb_grpc.MomentsServicer):
             async for event in events:
                 yield event
 
+    async def SearchVideos(self, request, context) -> AsyncIterator[pb.SearchVideosEvent]:
+        tenant = current_tenant.get()
+        search = LibrarySearch.from_pb(request, tenant=tenant, settings=self.settings)
+        async for event in self.library.search(tenant, search, time.time() + self._timeout_s(context)):
+            yield event.to_pb()
+
+    def _timeout_s(self, context) -> float:
+        """The call's deadline, cut to the server's job timeout (the timeout when it sets none)."""
+        remaining = context.time_remaining()
+        return self.settings.job_timeout_s if remaining is None else min(remaining, self.settings.job_timeout_s)
+
     async def _run(self, kind: str, request, context) -> AsyncIterator[pb.JobEvent]:
         """Validate, submit (or join the identical open job), then stream its events until it ends."""
         job = Job.from_request(kind, request, tenant=current_tenant.get(), settings=self.settings)
+        await webhooks.check_callback(job, self.settings)
         job.check_video(await self.catalog.get_owned(job.tenant, job.video_id))
-        remaining = context.time_remaining()
-        timeout_s = self.settings.job_timeout_s if remaining is None else min(remaining, self.settings.job_timeout_s)
+        timeout_s = self._timeout_s(context)
         job_id = await self.jobs.submit(job)
         # Closed at once however this call ends, so a caller that leaves cancels its job now: also
         # when gRPC cancels the call while this generator waits at a yield (it never resumes then).
-        events = self.jobs.events(job_id, time.time() + timeout_s)
+        events = self.jobs.events(job_id, time.time() + timeout_s,
+                                  on_lost=lambda: self.hooks.job_lost(replace(job, job_id=job_id)))
         context.add_done_callback(lambda _: _close_soon(events))
         async with aclosing(events):
             async for event in events:

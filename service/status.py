@@ -53,6 +53,8 @@ def to_status(exc: BaseException) -> grpc.Status:
                 metadata["committed_bytes"] = str(exc.committed_bytes)
             reason = "WRONG_OFFSET" if exc.committed_bytes is not None else "UPLOAD_BUSY"
             details.append(_any(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)))
+        if exc.retry_after_s is not None:
+            details.append(_any(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))
     elif isinstance(exc, errors.ResourceExhausted):
         code = code_pb2.RESOURCE_EXHAUSTED
         details.append(_any(error_details_pb2.RetryInfo(retry_delay=_duration(exc.retry_after_s))))

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -56,7 +56,8 @@ class JobClient:
         if not await self.live_workers():
             raise errors.Unavailable("no worker is running; try again when one is up")
         request_id = jobs.request_key(
-            job.tenant, job.kind, job.video_id, job.queries, job.sampling, job.max_new_tokens
+            job.tenant, job.kind, job.video_id, job.queries, job.sampling, job.max_new_tokens,
+            *((job.callback_url,) if job.callback_url else ()),  # each webhook its own job
         )
         dedupe = keys.job_dedupe(request_id)
         if not await self.redis.set(dedupe, job.job_id, nx=True, ex=int(self.settings.job_timeout_s) + 60):
@@ -65,6 +66,9 @@ class JobClient:
                 jobs.QUEUED.encode(),
                 jobs.RUNNING.encode(),
             ):
+                # A retry often joins the job its own cut call just cancelled (it was the last
+                # waiter): the cancel mark goes, or the worker fails the job under the new caller.
+                await self.redis.delete(keys.job_cancel(existing.decode()))
                 log.info("job %s joins identical open job %s", job.job_id, existing.decode())
                 return existing.decode()
             await self.redis.set(dedupe, job.job_id, ex=int(self.settings.job_timeout_s) + 60)
@@ -85,25 +89,32 @@ class JobClient:
             pipe.zadd(keys.OPEN_JOBS, {job.job_id: job.created_s})
             pipe.xadd(keys.job_events(job.job_id), Event("progress", {"stage": "queued"}).to_fields())
             pipe.xadd(keys.JOBS_STREAM, {"job_id": job.job_id})
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except asyncio.CancelledError:  # it may be queued now, and nobody will follow it: stop it
+                await self.redis.set(keys.job_cancel(job.job_id), 1, ex=jobs.EVENTS_TTL_S)
+                raise
         log.info("job %s queued video=%s kind=%s queries=%d", job.job_id, job.video_id, job.kind,
                  len(job.queries))
         return job.job_id
 
-    async def events(self, job_id: str, deadline_s: float) -> AsyncIterator[Event]:
+    async def events(self, job_id: str, deadline_s: float,
+                     on_lost: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Event]:
         """Yield the job's events until it is done or failed.
 
         Raises DeadlineExceeded at ``deadline_s``, Unavailable when every worker is gone, and
         JobLost within about ``READ_BLOCK_MS`` once the job's record has vanished (a failover
         dropped it): in each case, and when the caller goes away, the job is asked to stop. A
         query's result is yielded once, even when a rerun of the job (after a lost lease or a
-        failover) publishes it again.
+        failover) publishes it again. ``on_lost`` runs before JobLost is raised (the job's webhook).
         """
         finished = False
         last_beat_s = time.time()
         seen_results: set[int] = set()
-        await self.redis.hincrby(keys.job(job_id), "waiters", 1)
         try:
+            # Inside the try: a cancel that arrives while it runs (it ran, most likely) still gives the
+            # job up, so a job nobody follows any more never runs on unattended.
+            await self.redis.hincrby(keys.job(job_id), "waiters", 1)
             async with self.reader.follow(keys.job_events(job_id)) as queue:
                 while True:
                     remaining_s = deadline_s - time.time()
@@ -112,7 +123,7 @@ class JobClient:
                     try:
                         _, fields = await asyncio.wait_for(queue.get(), min(READ_BLOCK_MS / 1000, remaining_s))
                     except TimeoutError:
-                        await self._check_alive(job_id)
+                        await self._check_alive(job_id, on_lost)
                         last_beat_s = max(last_beat_s, await self.newest_heartbeat())
                         if time.time() - last_beat_s > self.settings.worker_stale_s:
                             raise errors.Unavailable(f"every worker stopped; job {job_id} was not finished")
@@ -131,7 +142,7 @@ class JobClient:
             if not finished:
                 await asyncio.shield(self._abandon(job_id))
 
-    async def _check_alive(self, job_id: str) -> None:
+    async def _check_alive(self, job_id: str, on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
         """Raise JobLost when the job's record is gone: its payload is what a worker needs, and
         only a lost write (a failover to a replica behind the primary, a restart) removes it while
         the job is open. What is left of it (a waiter count) is dropped."""
@@ -139,6 +150,8 @@ class JobClient:
             return
         await self.redis.delete(keys.job(job_id), keys.job_events(job_id))
         metrics.JOBS_LOST.inc()
+        if on_lost is not None:
+            await on_lost()
         log.warning("job %s lost: its record vanished from Redis (failover or restart); the caller "
                     "is told to submit it again", job_id)
         raise errors.JobLost(f"job {job_id} was lost (Redis failed over or restarted without it); "

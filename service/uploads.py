@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -27,7 +28,10 @@ from moments.service.ingest import Source, open_source, unavailable
 
 log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 1024 * 1024
-LOCK_TTL_S = 60
+LOCK_TTL_S = 10
+"""The writer lock of an upload lasts this long past its holder's last refresh: the stream holding it
+refreshes it every third of that (:meth:`UploadService._hold`), so a front end killed mid-upload
+keeps its client waiting (UPLOAD_BUSY with a RetryInfo) seconds, not a minute."""
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -77,6 +81,9 @@ class Uploads:
         self.catalog = catalog
         self._open_streams: dict[str, int] = {}
         """Upload streams open on this front end, per tenant (each holds a staging file)."""
+        self._probes = asyncio.Semaphore(settings.max_probes or os.cpu_count() or 1)
+        """Probe children at once: a burst of uploads waits its turn here instead of starving every
+        probe of CPU past probe_timeout_s (the chaos soak saw 32 at once fail as INVALID_ARGUMENT)."""
 
     async def receive(
         self, tenant: str, header: UploadHeader, chunks: AsyncIterator[UploadChunk]
@@ -135,9 +142,11 @@ class Uploads:
             return state
         async with self._hold(state.upload_id) as lock:
             if lock is None:
+                left_ms = await self.redis.pttl(keys.upload_writer(state.upload_id))
                 raise errors.FailedPrecondition(
                     "another stream is writing this upload; retry when it ends",
                     committed_bytes=None, upload_id=state.upload_id,
+                    retry_after_s=min(float(LOCK_TTL_S), max(0.5, left_ms / 1000)),
                 )
             try:
                 return await self._receive(state, chunks, lock)
@@ -209,10 +218,26 @@ class Uploads:
 
     @contextlib.asynccontextmanager
     async def _hold(self, upload_id: str) -> AsyncIterator[RedisLock | None]:
-        """The writer lock of an upload: yields it, or None when someone else holds it."""
+        """The writer lock of an upload: yields it, or None when someone else holds it. While held it
+        is refreshed in the background (a probe or a slow disk between chunks keeps it too)."""
         lock = RedisLock(self.redis, keys.upload_writer(upload_id), LOCK_TTL_S)
         async with lock.held() as taken:
-            yield lock if taken else None
+            keeper = asyncio.create_task(self._keep_lock(lock)) if taken else None
+            try:
+                yield lock if taken else None
+            finally:
+                if keeper is not None:
+                    keeper.cancel()
+
+    @staticmethod
+    async def _keep_lock(lock: RedisLock) -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL_S / 3)
+            try:
+                if not await lock.refresh():
+                    return  # taken over: the stream's own check (_keep_hold) stops it
+            except RedisError:
+                log.warning("could not refresh the writer lock %s", lock.name)
 
     async def _keep_hold(self, state: UploadState, lock: RedisLock, staging: Staging) -> None:
         # A lapsed hold nobody took is taken back, while the upload still exists (the janitor may
@@ -314,16 +339,17 @@ class Uploads:
         """Probe the verified bytes (discarding them if they are no video), then store them."""
         started = time.monotonic()
         try:
-            info = await probe_file_async(
-                await asyncio.to_thread(staging.probe_target),
-                video_id=state.sha256,
-                size_bytes=state.size_bytes,
-                filename=state.filename,
-                timeout_s=self.settings.probe_timeout_s,
-                memory_bytes=self.settings.probe_memory_bytes,
-                max_duration_s=self.settings.max_duration_s,
-                max_pixels=self.settings.max_pixels_per_frame,
-            )
+            async with self._probes:
+                info = await probe_file_async(
+                    await asyncio.to_thread(staging.probe_target),
+                    video_id=state.sha256,
+                    size_bytes=state.size_bytes,
+                    filename=state.filename,
+                    timeout_s=self.settings.probe_timeout_s,
+                    memory_bytes=self.settings.probe_memory_bytes,
+                    max_duration_s=self.settings.max_duration_s,
+                    max_pixels=self.settings.max_pixels_per_frame,
+                )
         except errors.InvalidVideo:
             await self._discard(state, staging)
             raise

@@ -77,11 +77,6 @@ def test_unseen_video_through_grpc_every_query_iou_over_half(redis_server, stack
     assert_grpc_answers_overlap(redis_server, stack_factory, tmp_path, monkeypatch, path, scene.events)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known regression of the grounder fine-tuned for absent events (tools/grounder/training.json, step 1405): "
-    "'moves left' answers span most of the video; mIoU 0.48 on 16 held-out move questions "
-    "(moments.tools.synthetic --move-fraction 1 --seed 907) against 0.88-0.93 for the previous grounder. "
-    "Needs a GPU retrain with move events weighted up; strict, so a grounder that passes removes this mark"))
 def test_moving_objects_through_grpc_every_query_iou_over_half(redis_server, stack_factory, tmp_path, monkeypatch):
     """Objects on screen the whole time that slide left during their interval ("moves left"),
     beside one that appears: the answer must come from the motion, not from visibility."""

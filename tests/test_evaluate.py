@@ -60,6 +60,18 @@ def test_auroc_and_platt():
     assert params["a"] > 0  # calibration keeps the order
 
 
+def test_platt_stays_finite_on_well_separated_scores_and_balances_the_classes():
+    # Scores near 0 and 1 with one overlap: plain Newton steps overshoot here (a ~1e8 was seen).
+    raw = [1e-5] * 30 + [0.9] * 5 + [0.92] * 60 + [0.3] * 3
+    labels = [0] * 30 + [0] * 5 + [1] * 60 + [1] * 3
+    params = fit_platt(raw, labels)
+    assert 0 < params["a"] < 50 and abs(params["b"]) < 50
+    # Many present questions pull the plain fit's threshold down; the balanced fit does not follow.
+    plain = fit_platt([0.2] * 10 + [0.6] * 90 + [0.4] * 10, [0] * 10 + [1] * 90 + [1] * 5 + [0] * 5)
+    even = fit_platt([0.2] * 10 + [0.6] * 90 + [0.4] * 10, [0] * 10 + [1] * 90 + [1] * 5 + [0] * 5, balanced=True)
+    assert -even["b"] / even["a"] > -plain["b"] / plain["a"]
+
+
 def test_charades_and_json_annotations(tmp_path):
     charades = tmp_path / "charades.txt"
     charades.write_text("3MSZA 24.3 30.4##person turn a light on.\n\nAO8RW 0.0 6.9##a person is putting a book on a shelf.\n")

@@ -185,7 +185,7 @@ def test_every_message_and_field_of_the_api_is_commented(front):
 
 @pytest.mark.slow
 def test_every_rpc_through_reflection_alone(stack, video):
-    """Upload (cut short, GetUpload, resume), read, list, index, ask, stream, delete; health too."""
+    """Upload (cut short, GetUpload, resume), read, list, index, ask, stream, search, delete; health too."""
     sha = hashlib.sha256(video).hexdigest()
     half = len(video) // 2
     header = {"header": {"sizeBytes": str(len(video)), "sha256": sha, "filename": "r.mp4"}}
@@ -223,6 +223,13 @@ def test_every_rpc_through_reflection_alone(stack, video):
         assert answer["results"][0]["query"] == "a red circle appears" and answer["stats"]["frames"] > 0
         events = call(f"{M}/StreamLocalize", {"videoId": video_id, "queries": ["a red circle appears"]})
         assert "result" in events[-2] and "done" in events[-1]
+        search = call(f"{M}/SearchVideos", {"queries": ["a red circle appears"], "videoIds": [video_id, "0" * 64],
+                                            "limit": 5})
+        assert search[0]["progress"] == {"videosTotal": 2}  # zeros are left out of JSON
+        assert search[-2]["progress"] == {"videosDone": 2, "videosTotal": 2}
+        assert {"videoId": "0" * 64, "code": "NOT_FOUND"}.items() <= [
+            e["videoError"] for e in search if "videoError" in e][0].items()
+        assert search[-1]["results"].get("videosAnswered") == 1
         call(f"{M}/DeleteVideo", {"videoId": video_id})
         with pytest.raises(grpc.RpcError) as gone:
             call(f"{M}/GetVideo", {"videoId": video_id})

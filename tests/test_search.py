@@ -8,7 +8,7 @@ import pytest
 
 from moments.core.records import SearchRequest, VideoInfo
 from moments.media.sampling import SamplingOptions
-from moments.workers.search import Window, coarse_windows, merge_segments, zoom_window
+from moments.workers.search import Window, coarse_windows, join_pieces, merge_segments, overview_window, zoom_window
 
 GROUNDER = SamplingOptions(max_frames=64, budget_tokens=512, min_pixels=56 * 56, max_pixels=2 * 56 * 56)
 """The tiny grounder's bounds (moments_sampling.json)."""
@@ -81,3 +81,25 @@ def test_merging_joins_overlapping_and_touching_segments_keeping_the_best_confid
     merged = merge_segments([(10.0, 14.0, 0.6), (13.0, 20.0, 0.9), (21.5, 25.0, 0.7), (40.0, 41.0, 0.8)], 2.0)
     assert merged == [(10.0, 25.0, 0.9), (40.0, 41.0, 0.8)]
     assert merge_segments([(0.0, 1.0, 0.5), (1.5, 2.0, 0.4)], 0.0) == [(0.0, 1.0, 0.5), (1.5, 2.0, 0.4)]
+
+
+def test_pieces_of_a_long_event_join_but_close_short_occurrences_stay_apart():
+    # One 600 s event answered by consecutive windows with small gaps between the pieces.
+    pieces = [(307.0, 375.0, 0.9), (381.0, 387.0, 0.8), (391.0, 394.0, 0.9), (409.0, 517.0, 0.7),
+              (523.0, 555.0, 0.9), (574.0, 894.0, 0.6)]
+    assert join_pieces(pieces) == [(307.0, 894.0, 0.9)]
+    # Two 2 s occurrences 2 s apart, and two 5 s ones 30 s apart, are separate occurrences.
+    assert join_pieces([(10.0, 12.0, 0.9), (14.0, 16.0, 0.8)]) == [(10.0, 12.0, 0.9), (14.0, 16.0, 0.8)]
+    assert len(join_pieces([(100.0, 105.0, 0.9), (135.0, 140.0, 0.9)])) == 2
+    assert join_pieces([(0.0, 5.0, 0.5), (4.0, 6.0, 0.7)]) == [(0.0, 6.0, 0.7)]
+
+
+def test_an_overview_pass_goes_with_tiled_windows_only():
+    info = video(1250.5)
+    coarse = coarse_windows(info, GROUNDER, AUTO)
+    overview = overview_window(info, GROUNDER, coarse)
+    assert len(coarse) > 1 and overview is not None
+    assert overview.plan.frame_times_s[0] == 0.0 and overview.plan.frame_times_s[-1] > 1200.0
+    assert overview.plan.frames <= GROUNDER.max_frames and overview.step_s > coarse[0].step_s
+    short = video(60.0)
+    assert overview_window(short, GROUNDER, coarse_windows(short, GROUNDER, AUTO)) is None

@@ -142,3 +142,16 @@ def test_serve_places_one_worker_per_gpu(stack_factory):
             raw = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
             envs.append(next(v for v in raw if v.startswith(b"CUDA_VISIBLE_DEVICES=")).decode().split("=", 1)[1])
     assert envs == ["0", "1", "0"]
+
+
+def test_devices_flag_names_the_gpus_and_sets_the_default_worker_count():
+    """``moments serve --devices 0,2`` spreads workers over GPUs 0 and 2; without ``--workers``, one each."""
+    from moments.app.cli import build_parser, settings_from_args
+    from moments.app.serve import default_worker_count, worker_gpus
+
+    args = build_parser().parse_args(["serve", "--devices", "0,2"])
+    settings = settings_from_args(args)
+    assert args.workers is None
+    assert worker_gpus(settings) == ["0", "2"]
+    assert default_worker_count(settings) == 2
+    assert default_worker_count(settings.replace(worker_gpus="", device="cpu")) == 1

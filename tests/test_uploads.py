@@ -392,3 +392,104 @@ def test_concurrent_uploads_of_the_same_bytes_end_in_one_blob(request, backend, 
     assert staged_uploads(front) == before, "a partial file was left behind"
     for tenant in set(tenants):
         assert stub.GetVideo(pb.GetVideoRequest(video_id=sha), metadata=md(tenant)).video_id == sha
+
+
+def test_a_front_end_dead_mid_upload_holds_the_resume_back_seconds_not_a_minute(front, stub, tmp_path):
+    """A front end SIGKILLed mid-upload leaves its writer lock behind (the chaos soak found a client
+    giving up on UPLOAD_BUSY for a minute). The lock lasts LOCK_TTL_S past its last refresh, the
+    busy answer carries a RetryInfo of the time left, and the client library waits that long and
+    resumes: the same client call succeeds."""
+    from moments.app.client import MomentsClient
+    from moments.service.uploads import LOCK_TTL_S
+
+    path = write_event_video(tmp_path / "dead-front.mp4", [Event("blue", "triangle", 0.5, 1.5)],
+                             seconds=3, fps=5, width=160, height=120)
+    data = path.read_bytes()
+    committed, upload_id = committed_of(refused(stub, [header(data), chunk(0, data[:2048])]))
+    assert committed == 2048
+    r = redis.Redis.from_url(front.settings.redis_url)
+    r.set(keys.upload_writer(upload_id), "a-front-end-that-was-killed", ex=LOCK_TTL_S)  # what it leaves
+    busy = refused(stub, [header(data), chunk(2048, data[2048:])])
+    assert busy.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert detail(busy, error_details_pb2.ErrorInfo).reason == "UPLOAD_BUSY"
+    retry = detail(busy, error_details_pb2.RetryInfo)
+    assert retry is not None and 0 < retry.retry_delay.ToMilliseconds() <= LOCK_TTL_S * 1000
+    started = time.monotonic()
+    with MomentsClient(front.target, api_key=KEYS["alice"], state_path=tmp_path / "state.json") as client:
+        response = client.upload(path)  # the default 5 attempts
+    assert response.video.video_id == hashlib.sha256(data).hexdigest()
+    assert time.monotonic() - started <= LOCK_TTL_S + 5
+
+
+def test_a_live_stream_keeps_its_writer_lock_past_the_ttl(front, stub, tmp_path):
+    """The hold is refreshed in the background while its stream lives, even with no chunk for longer
+    than LOCK_TTL_S: nobody else may take the upload from a slow but live client."""
+    from moments.service.uploads import LOCK_TTL_S
+
+    data = write_event_video(tmp_path / "slow.mp4", [Event("yellow", "triangle", 0.5, 1.5)],
+                             seconds=3, fps=5, width=160, height=120).read_bytes()
+    r = redis.Redis.from_url(front.settings.redis_url)
+    seen: dict[str, float] = {}
+
+    def slow():
+        yield header(data)
+        yield chunk(0, data[:1024])
+        started = time.monotonic()
+        while time.monotonic() - started < LOCK_TTL_S + 2:
+            for name in r.scan_iter(match=f"{keys.PREFIX}:upload:*:writer"):
+                seen["ttl_s"] = min(seen.get("ttl_s", LOCK_TTL_S), r.ttl(name))
+                seen["held_s"] = time.monotonic() - started
+            time.sleep(0.5)
+        yield from chunks(data, start=1024)
+
+    assert upload(stub, slow()).video.video_id == hashlib.sha256(data).hexdigest()
+    assert seen["held_s"] >= LOCK_TTL_S + 1, "the lock lapsed while its stream was alive"
+    assert seen["ttl_s"] > 0
+
+
+def _probe_children() -> int:
+    """Probe children of this process (the test's front end runs in it), not other tests' on the host."""
+    count = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == os.getpid() and b"moments.media.probe\0--child" in (proc / "cmdline").read_bytes():
+                    count += 1
+            except (OSError, IndexError, ValueError):
+                pass
+    return count
+
+
+def test_a_burst_of_uploads_probes_a_few_at_a_time(stack_factory, tmp_path):
+    """32 uploads at once on 2 cores started 32 probe children, which starved each other past the
+    probe's time limit and failed as INVALID_ARGUMENT (the chaos soak). The front end runs at most
+    max_probes of them; the others wait (not counted in probe_timeout_s), and every upload is stored."""
+    datas = [write_event_video(tmp_path / f"burst-{i}.mp4", [Event("green", "triangle", 0.5, 1.5 + i / 10)],
+                               seconds=3, fps=5, width=160, height=120).read_bytes() for i in range(6)]
+    most = []
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            most.append(_probe_children())
+            time.sleep(0.01)
+
+    with stack_factory(workers=0, max_probes=1) as s, grpc.insecure_channel(s.target) as channel:
+        stub = pb_grpc.MomentsStub(channel)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        boxes = []
+        threads = []
+        for data in datas:
+            box: dict = {}
+            boxes.append(box)
+            threads.append(threading.Thread(target=lambda d=data, b=box: b.update(
+                response=stub.UploadVideo(iter([header(d), *chunks(d)]), timeout=120))))
+            threads[-1].start()
+        for thread in threads:
+            thread.join(120)
+        sampling.set()
+        sampler.join()
+    assert [b["response"].video.video_id for b in boxes] == [hashlib.sha256(d).hexdigest() for d in datas]
+    assert max(most) == 1, f"probe children seen at once: {max(most)}"

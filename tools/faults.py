@@ -4,7 +4,8 @@ never by default. ``moments worker`` wraps its engine with :func:`maybe_faulty`.
 Example: ``MOMENTS_FAULTS='{"answer_error_after": 0}'`` makes every answer raise (a model error);
 ``{"device_error_after": 0}`` raises a fatal device error; ``{"encode_sleep_s": 5}`` slows encoding
 so a test can kill the worker mid-job; ``{"answer_sleep_s": 2}`` slows each answer (a cancelled job
-leaves the pause at once), so calls stay waiting.
+leaves the pause at once), so calls stay waiting; with ``"answer_sleep_after": 1`` only the answers
+after the first (the first question warms the worker's KV prefix).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class FaultyEngine:
         calls = self._answers
         self._answers += 1
         pause_s = float(self._faults.get("answer_sleep_s", 0))
-        if pause_s:
+        if pause_s and calls >= int(self._faults.get("answer_sleep_after", 0)):
             cancel = kwargs.get("cancel")
             cancel.wait(pause_s) if cancel is not None else time.sleep(pause_s)
         if "device_error_after" in self._faults and calls >= int(self._faults["device_error_after"]):

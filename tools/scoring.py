@@ -53,33 +53,54 @@ def reliability(scores: Sequence[float], labels: Sequence[int], bins: int = 10) 
     return rows
 
 
-def fit_platt(raw: Sequence[float], labels: Sequence[int], *, steps: int = 500) -> dict[str, float]:
+def fit_platt(raw: Sequence[float], labels: Sequence[int], *, steps: int = 500,
+              balanced: bool = False) -> dict[str, float]:
     """Platt scaling: a, b maximizing the likelihood of ``labels`` under sigmoid(a * logit(raw) + b)
-    (Newton's method with a small ridge; Platt's target smoothing for few examples)."""
+    (Newton's method with a small ridge and step halving, so well-separated scores cannot make it
+    diverge; Platt's target smoothing for few examples). ``balanced`` weights both classes equally,
+    so the fit does not inherit the share of present questions in the set (a 50% prior)."""
     x = [logit(r) for r in raw]
     n_pos, n_neg = sum(labels), len(labels) - sum(labels)
     t = [(n_pos + 1) / (n_pos + 2) if y else 1 / (n_neg + 2) for y in labels]
+    n = len(labels)
+    wt = [(n / (2 * n_pos) if y else n / (2 * n_neg)) if balanced and n_pos and n_neg else 1.0 for y in labels]
+    ridge = 1e-3
+
+    def loss(a: float, b: float) -> float:
+        total = ridge * (a * a + b * b) / 2
+        for xi, ti, wi in zip(x, t, wt):
+            z = a * xi + b  # cross-entropy of sigmoid(z) against ti, stable for any z
+            total += wi * (max(z, 0.0) - ti * z + math.log1p(math.exp(-abs(z))))
+        return total
+
     a, b = 1.0, 0.0
+    current = loss(a, b)
     for _ in range(steps):
-        ga = gb = haa = hab = hbb = 0.0
-        for xi, ti in zip(x, t):
+        ga, gb, haa, hab, hbb = ridge * a, ridge * b, ridge, 0.0, ridge
+        for xi, ti, wi in zip(x, t, wt):
             z = max(-60.0, min(60.0, a * xi + b))
             p = 1 / (1 + math.exp(-z))
-            ga += (p - ti) * xi
-            gb += p - ti
-            w = p * (1 - p)
+            ga += wi * (p - ti) * xi
+            gb += wi * (p - ti)
+            w = wi * p * (1 - p)
             haa += w * xi * xi
             hab += w * xi
             hbb += w
-        haa += 1e-6
-        hbb += 1e-6
         det = haa * hbb - hab * hab
         if det <= 0:
             break
         da = (hbb * ga - hab * gb) / det
         db = (haa * gb - hab * ga) / det
-        a, b = a - da, b - db
-        if abs(da) < 1e-9 and abs(db) < 1e-9:
+        step, trial = 1.0, current
+        while step > 1e-6:  # halve the Newton step until the loss goes down
+            trial = loss(a - step * da, b - step * db)
+            if trial <= current:
+                break
+            step /= 2
+        else:
+            break
+        a, b, current = a - step * da, b - step * db, trial
+        if abs(step * da) < 1e-9 and abs(step * db) < 1e-9:
             break
     return {"a": a, "b": b}
 

@@ -499,27 +499,31 @@ class EvalCase:
 
 def eval_cases(seed: int, move_fraction: float = 0.3) -> list[EvalCase]:
     """Held-out lengths (never drawn in training): whole videos with their events and two absent
-    queries each, and windows like the search's around short events."""
+    queries each, and windows like the search's around short events: coarse ones (128 s) and zoom
+    ones (a few seconds either side of the event), half of their events moves."""
     rng = random.Random(seed + 1)
     cases = []
     for d in HELD_OUT_DURATIONS_S:
         scene = random_scene(rng, d, min_events=1, move_fraction=move_fraction)
         cases += [EvalCase(scene, 0.0, None, e.query, e.occurrences) for e in scene.events]
         cases += [EvalCase(scene, 0.0, None, q, ()) for q in absent_queries(rng, scene.events, 2)]
-    for d in (615.5, 1433.5, 2987.5):
-        scene = random_scene(rng, d, event_s=(2.0, 8.0), min_events=2, move_fraction=move_fraction)
+    for d in (615.5, 903.5, 1433.5, 2111.5, 2987.5):
+        scene = random_scene(rng, d, event_s=(2.0, 8.0), min_events=2, move_fraction=max(0.5, move_fraction))
         for e in scene.events:
-            start = float(max(0, math.floor(e.start_s) - rng.randint(5, 100)))
-            end = min(d, start + 128.0)
-            inside = tuple((max(a, start), min(b, end)) for a, b in e.occurrences if a < end and b > start)
-            cases.append(EvalCase(scene, start, end, e.query, inside))
+            coarse = float(max(0, math.floor(e.start_s) - rng.randint(5, 100)))
+            zoom = float(max(0, math.floor(e.start_s) - rng.randint(3, 12)))
+            for start, end in ((coarse, min(d, coarse + 128.0)),
+                               (zoom, min(d, math.ceil(e.end_s) + rng.randint(3, 30)))):
+                inside = tuple((max(a, start), min(b, end)) for a, b in e.occurrences if a < end and b > start)
+                cases.append(EvalCase(scene, start, end, e.query, inside))
     return cases
 
 
 def quick_eval(engine: Engine, cases: list[EvalCase]) -> dict[str, float]:
-    """On rendered frames: mIoU of present questions (best segment per occurrence), the AUROC of the
-    raw presence score between present and absent questions, and their sum (the selection score)."""
-    ious, pos, neg = [], [], []
+    """On rendered frames: mIoU of present questions (best segment per occurrence), overall, on the
+    search-like windows and on "moves left" questions; the AUROC of the raw presence score between
+    present and absent questions; the selection score is mIoU + window mIoU + AUROC."""
+    ious, windowed, moves, pos, neg = [], [], [], [], []
     by_view: dict[tuple, list[EvalCase]] = {}
     for c in cases:
         by_view.setdefault((id(c.scene), c.start_s, c.end_s), []).append(c)
@@ -532,13 +536,19 @@ def quick_eval(engine: Engine, cases: list[EvalCase]) -> dict[str, float]:
             predicted = [(s.start_s, s.end_s) for s in answer_segments(g, tokens, c.scene.duration_s)]
             if c.truth:
                 pos.append(g.raw_presence)
-                ious += [best_iou(t, predicted) for t in c.truth]
+                got = [best_iou(t, predicted) for t in c.truth]
+                ious += got
+                if c.end_s is not None:
+                    windowed += got
+                if "moves left" in c.query:
+                    moves += got
             else:
                 neg.append(g.raw_presence)
-    miou = float(np.mean(ious)) if ious else 0.0
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
     area = auroc(pos, neg)
     area = 0.0 if math.isnan(area) else area
-    return {"miou": miou, "auroc": area, "selection": miou + area}
+    return {"miou": mean(ious), "miou_window": mean(windowed), "miou_move": mean(moves), "auroc": area,
+            "selection": mean(ious) + mean(windowed) + area}
 
 
 def save(model, cfg: dict, out: Path, name: str = "model.safetensors") -> None:

@@ -13,10 +13,11 @@ all of one write or none of it.
 from __future__ import annotations
 
 import secrets
+import time
 
 import redis.asyncio as aioredis
 
-from moments.core import jobs, keys
+from moments.core import jobs, keys, webhooks
 
 
 class LeaseLost(Exception):
@@ -35,8 +36,9 @@ redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[4], 'JUSTID')
 return 1
 """
 
-# KEYS: job hash, job events, open jobs, jobs stream. ARGV: token ('' = the delivery took no lease
-# yet), state, outcome json, ttl, job id, group, entry id.
+# KEYS: job hash, job events, open jobs, jobs stream, webhook delivery, webhooks due. ARGV: token
+# ('' = the delivery took no lease yet), state, outcome json, ttl, job id, group, entry id, then the
+# webhook's url ('' = none), tenant, body, due ms, ttl: scheduled only by the write that wins.
 _FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'done' or state == 'failed' then
@@ -52,6 +54,12 @@ redis.call('ZREM', KEYS[3], ARGV[5])
 local dedupe = redis.call('HGET', KEYS[1], 'dedupe')
 if dedupe then redis.call('DEL', dedupe) end
 redis.call('XACK', KEYS[4], ARGV[6], ARGV[7])
+if ARGV[8] ~= '' and redis.call('EXISTS', KEYS[5]) == 0 then
+  redis.call('HSET', KEYS[5], 'url', ARGV[8], 'tenant', ARGV[9], 'job_id', ARGV[5], 'body', ARGV[10],
+             'attempts', 0)
+  redis.call('EXPIRE', KEYS[5], ARGV[12])
+  redis.call('ZADD', KEYS[6], ARGV[11], ARGV[5])
+end
 return 1
 """
 
@@ -91,12 +99,18 @@ class Fence:
         return bool(await self._hold(keys=[keys.job(job_id), keys.JOBS_STREAM],
                                      args=[token, keys.JOBS_GROUP, worker, entry_id]))
 
-    async def finish(self, job_id: str, token: str, entry_id, state: str, outcome: str) -> bool:
-        """Write the terminal state, its event and the XACK at once; False when fenced out (nothing
-        written; a finished job's entry is still acknowledged)."""
+    async def finish(self, job_id: str, token: str, entry_id, state: str, outcome: str,
+                     webhook: dict[str, str] | None = None) -> bool:
+        """Write the terminal state, its event, the XACK and the ``webhook`` delivery (fields of
+        ``webhooks.delivery_fields``, due now) at once; False when fenced out (nothing written; a
+        finished job's entry is still acknowledged)."""
+        hook = webhook or {}
         return bool(await self._finish(
-            keys=[keys.job(job_id), keys.job_events(job_id), keys.OPEN_JOBS, keys.JOBS_STREAM],
-            args=[token, state, outcome, jobs.EVENTS_TTL_S, job_id, keys.JOBS_GROUP, entry_id]))
+            keys=[keys.job(job_id), keys.job_events(job_id), keys.OPEN_JOBS, keys.JOBS_STREAM,
+                  keys.webhook(job_id), keys.WEBHOOKS_DUE],
+            args=[token, state, outcome, jobs.EVENTS_TTL_S, job_id, keys.JOBS_GROUP, entry_id,
+                  hook.get("url", ""), hook.get("tenant", ""), hook.get("body", ""),
+                  int(time.time() * 1000), webhooks.DELIVERY_TTL_S]))
 
     async def requeue(self, job_id: str, token: str, entry_id, reason: str) -> bool:
         return bool(await self._requeue(keys=[keys.job(job_id), keys.JOBS_STREAM],

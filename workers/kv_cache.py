@@ -43,6 +43,7 @@ class KVPrefixCache:
         self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.used_bytes = 0
+        self._evicted: list[str] = []
 
     def get(self, key: str) -> Any | None:
         with self._lock:
@@ -64,10 +65,17 @@ class KVPrefixCache:
             while self._entries and self.used_bytes + size > self.budget_bytes:
                 evicted, (_, evicted_size) = self._entries.popitem(last=False)
                 self.used_bytes -= evicted_size
+                self._evicted.append(evicted)
                 log.info("kv prefix %s evicted (%.1f MiB)", evicted, evicted_size / 2**20)
             self._entries[key] = (prefix, size)
             self.used_bytes += size
         return True
+
+    def take_evicted(self) -> list[str]:
+        """Keys evicted since the last call (so the worker stops advertising them)."""
+        with self._lock:
+            evicted, self._evicted = self._evicted, []
+            return evicted
 
     def keys(self) -> list[str]:
         with self._lock:

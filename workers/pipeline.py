@@ -14,6 +14,7 @@ import torch
 from redis.exceptions import RedisError
 
 from moments.core import keys
+from moments.core.jobs import WORKER_DEAD_AFTER_S
 from moments.core.blobs import BlobStore
 from moments.core.config import Settings
 from moments.core.errors import Internal, InvalidArgument
@@ -39,6 +40,24 @@ from moments.workers.token_cache import TokenCache, cache_key
 log = logging.getLogger(__name__)
 DECODE_CHUNK_FRAMES = 32
 KV_ADVERT_TTL_S = 600
+
+# KEYS: the prefix's owner key, the heartbeats. ARGV: this worker, ttl, now (unix s), dead after (s).
+# A live other owner keeps the advert: this copy was made because that one had too many jobs.
+_ADVERTISE = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then
+  local beat = redis.call('HGET', KEYS[2], owner)
+  if beat and tonumber(ARGV[3]) - tonumber(beat) < tonumber(ARGV[4]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+# KEYS: the prefix's owner key. ARGV: this worker. Only the owner's own advert goes.
+_WITHDRAW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,8 @@ class Pipeline:
         self.kv_cache = kv_cache
         self.blobs = blobs
         self.owner = owner
+        self._advertise_script = token_cache.redis.register_script(_ADVERTISE)
+        self._withdraw_script = token_cache.redis.register_script(_WITHDRAW)
 
     def prepare(self, job: Job, info: VideoInfo) -> PreparedJob:
         """The job's effective options (request, server defaults, model bounds) and its first plan."""
@@ -118,10 +139,12 @@ class Pipeline:
                          effective_sampling=_request_fields(work.options), rounds=1)
         coarse = search.coarse_windows(work.info, work.options, job.search)
         if job.kind == KIND_INDEX:  # warm what the questions' coarse passes will read
-            for i, window in enumerate(coarse):
+            overview = search.overview_window(work.info, work.options, coarse)
+            passes = coarse + ([overview] if overview is not None else [])
+            for i, window in enumerate(passes):
                 await ctx.check_cancelled()
-                if len(coarse) > 1:
-                    await ctx.progress("searching", i, len(coarse), "indexing windows", round=1)
+                if len(passes) > 1:
+                    await ctx.progress("searching", i, len(passes), "indexing windows", round=1)
                 stats.passes += 1
                 stats.total_visual_tokens += window.plan.visual_tokens
                 await self._tokens(work, window, ctx, stats)
@@ -151,6 +174,8 @@ class Pipeline:
         add_ms(stats, "prefill", started)
         if self.kv_cache.put(key, (tokens, prefix)):
             await self._advertise(key)
+        for evicted in self.kv_cache.take_evicted():
+            await self._withdraw(evicted)
         return tokens, prefix
 
     async def preferred_worker(self, work: PreparedJob) -> str | None:
@@ -163,8 +188,16 @@ class Pipeline:
         return owner.decode() if owner else None
 
     async def _advertise(self, key: str) -> None:
+        """Name this worker as the prefix's holder, unless another live worker holds it too."""
         try:
-            await self.token_cache.redis.set(keys.kv_owner(key), self.owner, ex=KV_ADVERT_TTL_S)
+            await self._advertise_script(keys=[keys.kv_owner(key), keys.WORKERS_HASH],
+                                         args=[self.owner, KV_ADVERT_TTL_S, time.time(), WORKER_DEAD_AFTER_S])
+        except RedisError:
+            pass
+
+    async def _withdraw(self, key: str) -> None:
+        try:
+            await self._withdraw_script(keys=[keys.kv_owner(key)], args=[self.owner])
         except RedisError:
             pass
 

@@ -8,6 +8,10 @@ any frame. A search therefore looks in rounds:
    already samples that densely it is the only pass; otherwise the range is tiled into windows of
    the model's frame cap at that rate (consecutive windows share one frame step, so an event on a
    border is seen whole in one of them).
+   With windows, one more pass looks at the whole range at the model's frame cap (the overview): an
+   event far longer than a window moves or shows too slowly to be seen inside any one window, and
+   the overview's long answers (at least ``OVERVIEW_MIN_FRAMES`` of its frame steps) join the
+   windows' candidates.
 2. **Zoom**: every candidate a coarse pass found (score at least ``ZOOM_MIN_SCORE``) is looked at again
    in a window around it, at the highest frame rate the model allows; its answer replaces the
    candidate's (a denser look that does not find it drops it).
@@ -37,6 +41,12 @@ from moments.workers.model.scheduler import Cancelled
 ZOOM_MIN_SCORE = 0.3
 """Coarse candidates scoring at least this are looked at again (below the default min_confidence, so a
 borderline coarse answer can be confirmed by the denser look)."""
+OVERVIEW_MIN_FRAMES = 6
+"""An overview answer is kept when it spans at least this many of its frame steps (shorter ones are
+the windows' to find, at their denser rate)."""
+PIECE_GAP_FRACTION = 0.1
+"""Pieces of one event seen by neighbouring windows join across a gap of up to this share of their
+summed lengths (separate occurrences of a short event stay apart)."""
 ZOOM_PAD_STEPS = 2
 """A zoom window reaches this many coarse frame steps beyond its candidate on each side."""
 
@@ -86,6 +96,13 @@ def coarse_windows(info: VideoInfo, options: SamplingOptions, search: SearchRequ
         k += 1
 
 
+def overview_window(info: VideoInfo, options: SamplingOptions, coarse: list[Window]) -> Window | None:
+    """The whole-range pass that goes with tiled coarse windows (None when there is only one pass)."""
+    if len(coarse) <= 1:
+        return None
+    return Window(options, _plan(info, options), 1)
+
+
 def _tile(info: VideoInfo, options: SamplingOptions, start: float, end: float, k: int) -> list[Window]:
     """Windows over [start, end) sampled every k/2 s, as long as the model's frame cap and token budget
     allow at that rate, one frame step of overlap between neighbours."""
@@ -125,6 +142,20 @@ def zoom_window(info: VideoInfo, options: SamplingOptions, candidate: tuple[floa
     if 1.0 / plan.fps >= coarse_step_s - 1e-9:
         return None
     return Window(opts, plan, 2)
+
+
+def join_pieces(segments: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """Merge overlapping segments, and neighbours whose gap is at most ``PIECE_GAP_FRACTION`` of their
+    summed lengths (one long event answered in pieces by consecutive windows)."""
+    joined: list[tuple[float, float, float]] = []
+    for a, b, c in sorted(segments):
+        if joined:
+            pa, pb, pc = joined[-1]
+            if a <= pb or a - pb <= PIECE_GAP_FRACTION * ((pb - pa) + (b - a)):
+                joined[-1] = (pa, max(pb, b), max(pc, c))
+                continue
+        joined.append((a, b, c))
+    return joined
 
 
 def merge_segments(segments: list[tuple[float, float, float]], gap_s: float) -> list[tuple[float, float, float]]:
@@ -168,12 +199,17 @@ class Searcher:
         texts = [""] * len(queries)
         raws: list[float | None] = [None] * len(queries)
         zooming = len(coarse) > 1 and search.max_rounds >= 2
-        for i, window in enumerate(coarse):
-            if len(coarse) > 1:
-                await self.progress("searching", i, len(coarse), f"coarse window {i + 1} of {len(coarse)}", round=1)
+        overview = overview_window(info, options, coarse)
+        passes = coarse + ([overview] if overview is not None else [])
+        for i, window in enumerate(passes):
+            if len(passes) > 1:
+                what = "overview of the whole range" if window is overview else f"coarse window {i + 1} of {len(coarse)}"
+                await self.progress("searching", i, len(passes), what, round=1)
             results = await self.one_pass(info, window, queries, ZOOM_MIN_SCORE if zooming else min_confidence)
+            shortest = OVERVIEW_MIN_FRAMES * window.step_s if window is overview else 0.0
             for q, r in enumerate(results):
-                found[q] += [(seg.start_s, seg.end_s, seg.confidence) for seg in r.segments]
+                found[q] += [(seg.start_s, seg.end_s, seg.confidence) for seg in r.segments
+                             if seg.end_s - seg.start_s >= shortest - 1e-9]
                 if r.score >= scores[q] or not texts[q]:
                     scores[q], texts[q], raws[q] = r.score, r.raw_answer, r.raw_presence
         if zooming:
@@ -183,7 +219,7 @@ class Searcher:
                                       min_confidence) for q, query in enumerate(queries)]
         out = []
         for q, query in enumerate(queries):
-            kept = [(a, b, c) for a, b, c in merge_segments(found[q], 0.0) if c >= min_confidence]
+            kept = [(a, b, c) for a, b, c in join_pieces(found[q]) if c >= min_confidence]
             out.append(QueryResult(q, query, tuple(Segment(a, b, c) for a, b, c in kept), texts[q],
                                    max([scores[q]] + [c for _, _, c in kept]), raws[q]))
         return out

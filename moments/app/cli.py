@@ -1,4 +1,4 @@
-"""The ``moments`` command line: serve, worker, demo, upload, ingest, ask, videos, delete, config."""
+"""The ``moments`` command line: serve, worker, demo, upload, ingest, ask, search, videos, delete, config."""
 
 from __future__ import annotations
 
@@ -137,6 +137,19 @@ def cmd_ask(args) -> int:
         return print_events(events, queries, as_json=args.json)
 
 
+def cmd_search(args) -> int:
+    from moments.app.render import print_search
+
+    queries = [args.query, *(args.extra_query or [])]
+    if bool(args.video) == args.all:
+        print("moments search: name videos with --video ID (repeatable) or search --all of yours", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        events = client.search_videos(queries, video_ids=args.video or (), all_of_mine=args.all, limit=args.limit,
+                                      min_confidence=args.min_confidence or 0.0, timeout_s=args.timeout)
+        return print_search(events, as_json=args.json)
+
+
 def cmd_videos(args) -> int:
     with _client(args) as client:
         for video in client.list_videos():
@@ -168,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the front end, workers and (if needed) a private Redis")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one per device in turn (default: one per GPU, else 1; 0 = front end only)")
+    p.add_argument("--devices", dest="worker_gpus", default=None,
+                   help="GPUs to spread the workers over, comma list (the same as --worker-gpus)")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -186,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("upload", cmd_upload, "upload a video file (resumes an interrupted upload)"),
         ("ingest", cmd_ingest, "have the server fetch a video from an s3:// or https:// URI"),
         ("ask", cmd_ask, "ask when something happens in a video"),
+        ("search", cmd_search, "ask when something happens across many videos, best segments first"),
         ("videos", cmd_videos, "list your videos"),
         ("delete", cmd_delete, "delete a video"),
     ):
@@ -214,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="coarse-to-fine search through long videos (default: the server's)")
             p.add_argument("--min-event-s", type=float, default=None,
                            help="the shortest event a search must not miss (seconds)")
+            p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        elif name == "search":
+            p.add_argument("query")
+            p.add_argument("--query", dest="extra_query", action="append", help="another query")
+            p.add_argument("--video", action="append", help="a video to search (repeatable)")
+            p.add_argument("--all", action="store_true", help="search every video of yours")
+            p.add_argument("--limit", type=int, default=10, help="most segments to show")
+            p.add_argument("--min-confidence", type=float, default=None,
+                           help="segments scoring below this are dropped (0-1; default: the server's)")
+            p.add_argument("--json", action="store_true")
             p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
         elif name == "delete":
             p.add_argument("video")

@@ -3,7 +3,7 @@
 Uploads resume by themselves: the client remembers each file's upload id (by sha256) and, after a
 cut stream or a FAILED_PRECONDITION, continues from the server's committed offset.
 
-Calls that run a job (Localize, StreamLocalize, IndexVideo) and the video calls retry what the
+Calls that run a job (Localize, StreamLocalize, IndexVideo; not SearchVideos) and the video calls retry what the
 server calls retryable (:func:`retry_delay_s`): UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED with a
 RetryInfo (JOB_LOST: a failover dropped the job, so calling again resubmits it), waiting the
 server's ``retry_delay`` or backing off, at most ``RetryPolicy.attempts`` times. A retried stream
@@ -172,8 +172,10 @@ def localize_request(
     )
 
 
-def channel_options() -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+def channel_options() -> list[tuple[str, int | str]]:
+    """Large answers; calls spread round-robin over every address a target names (``ipv4:a,b`` or a
+    DNS name with several), so one front end going away leaves the others answering."""
+    return [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin")]
 
 
 def _metadata(api_key: str | None) -> list[tuple[str, str]]:
@@ -244,6 +246,8 @@ class MomentsClient:
                 delay = retry_delay_s(exc, attempt, self.retry)
                 if exc.code() not in RETRYABLE and delay is None:
                     raise
+                if delay is None and _retry_info_s(exc) is not None:  # UPLOAD_BUSY: the lock's time left
+                    delay = min(self.retry.max_delay_s, _retry_info_s(exc))
                 log.warning("upload interrupted (%s); resuming", exc.code().name)
                 # e.g. the server is still closing a cut stream, or its disk is full (RetryInfo)
                 time.sleep(delay if delay is not None else min(0.2 * 2**attempt, 5.0))
@@ -273,6 +277,19 @@ class MomentsClient:
         return _stream_with_retries(
             self.retry, lambda: self.stub.StreamLocalize(request, metadata=self.metadata, timeout=timeout_s),
             "StreamLocalize")
+
+    def search_videos(self, queries: Sequence[str], *, video_ids: Sequence[str] = (), all_of_mine: bool = False,
+                      limit: int = 10, min_confidence: float = 0.0, sampling: SamplingRequest | None = None,
+                      max_new_tokens: int = 0, search: pb.SearchOptions | None = None,
+                      timeout_s: float | None = None):
+        """SearchVideos over ``video_ids`` (or every video of the caller): the stream of
+        SearchVideosEvent, whose ``cancel()`` stops the search. Not retried (a retry would ask every
+        video again)."""
+        request = pb.SearchVideosRequest(
+            queries=list(queries), video_ids=list(video_ids), all_of_mine=all_of_mine, limit=limit,
+            min_confidence=min_confidence, sampling=(sampling or SamplingRequest()).to_pb(),
+            max_new_tokens=max_new_tokens, search=search)
+        return self.stub.SearchVideos(request, metadata=self.metadata, timeout=timeout_s)
 
     def index(self, video_id: str, *, sampling: SamplingRequest | None = None,
               timeout_s: float | None = None) -> Iterable[pb.JobEvent]:

@@ -309,16 +309,16 @@ def evaluate(annotations: Sequence[Annotation], runner, videos_dir: str | Path, 
 
 
 def write_calibration(model_dir: Path, preds: Sequence[Prediction], qs: Sequence[Question]) -> dict:
-    """Fit Platt scaling of the raw presence on these questions (present = 1) and write it beside the
-    checkpoint, where the engine reads it."""
+    """Fit Platt scaling of the raw presence on these questions (present = 1, both classes weighted
+    equally) and write it beside the checkpoint, where the engine reads it."""
     from moments.workers.model.loading import CALIBRATION_FILE
 
     pairs = [(p.raw_presence, int(bool(q.occurrences))) for p, q in zip(preds, qs) if p.raw_presence is not None]
     labels = [y for _, y in pairs]
     if not pairs or sum(labels) in (0, len(labels)):
         raise ValueError("calibration needs present and absent questions answered in one pass each")
-    params = fit_platt([r for r, _ in pairs], labels)
-    params.update(method="platt", fitted_on=len(pairs), present=sum(labels))
+    params = fit_platt([r for r, _ in pairs], labels, balanced=True)
+    params.update(method="platt", balanced=True, fitted_on=len(pairs), present=sum(labels))
     (Path(model_dir) / CALIBRATION_FILE).write_text(json.dumps(params, indent=1) + "\n")
     return params
 

@@ -75,3 +75,41 @@ def print_events(events: Iterable[pb.JobEvent], queries: Sequence[str], *, as_js
         if stats is not None:
             print(stats_line(stats))
     return 0
+
+
+def print_search(events: Iterable[pb.SearchVideosEvent], *, as_json: bool = False) -> int:
+    """A progress bar over the videos, failures on stderr, then the ranked segments; 1 if any video failed."""
+    failures: list[pb.VideoError] = []
+    outcome = None
+    bar = None
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "progress":
+            if bar is None:
+                bar = tqdm(total=event.progress.videos_total, desc="videos", file=sys.stderr, leave=False,
+                           disable=as_json)
+            bar.update(event.progress.videos_done - bar.n)
+        elif kind == "video_error":
+            failures.append(event.video_error)
+        elif kind == "results":
+            outcome = event.results
+    if bar is not None:
+        bar.close()
+    hits = list(outcome.hits) if outcome is not None else []
+    if as_json:
+        print(json.dumps({"hits": [MessageToDict(h) for h in hits],
+                          "video_errors": [MessageToDict(f) for f in failures]}, indent=2))
+        return 1 if failures else 0
+    rows = [("video", "query", "start", "end", "confidence")]
+    rows += [(h.video_id[:12], h.query, fmt_time(h.segment.start_offset.ToNanoseconds() / 1e9),
+              fmt_time(h.segment.end_offset.ToNanoseconds() / 1e9), f"{h.segment.confidence:.2f}") for h in hits]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if n == 0:
+            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    for failure in failures:
+        print(f"{failure.video_id}: {failure.code}: {failure.message}", file=sys.stderr)
+    if outcome is not None:
+        print(f"{len(hits)} segments from {outcome.videos_answered} videos answered", file=sys.stderr)
+    return 1 if failures else 0

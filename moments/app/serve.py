@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moments.core import keys
 from moments.core.config import DEFAULT_MODEL, Settings
-from moments.core.redis_client import connect_sync
+from moments.core.redis_client import connect, connect_sync
 from moments.app.redis_server import PrivateRedis
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,12 @@ class Stack:
         self.worker_env = worker_env
         self.redis: PrivateRedis | None = None
         self.workers: list[subprocess.Popen] = []
+        self.worker_names: list[str] = []
+        """Consumer name of each of ``workers``, so the reaper can drop a dead one's heartbeat."""
         self.front = None
+        self.all_exited = asyncio.Event()
+        """Set by the reaper once every worker this stack started has exited."""
+        self._reaper: asyncio.Task | None = None
 
     async def __aenter__(self) -> "Stack":
         self.settings.data_path.mkdir(parents=True, exist_ok=True)
@@ -72,6 +77,7 @@ class Stack:
         from moments.service.server import start_front_end
 
         self.front = await start_front_end(self.settings)
+        self._reaper = asyncio.create_task(self._reap())
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -86,13 +92,17 @@ class Stack:
         """Start worker process ``index`` with the stack's settings (``setting_overrides`` changed); on a
         host with several GPUs, worker ``index`` sees only GPU ``gpus[index % len(gpus)]``."""
         settings = self.settings.replace(**setting_overrides)
-        env = {**os.environ, **_settings_env(settings),
-               "MOMENTS_WORKER_NAME": f"worker-{index}-{time.monotonic_ns()}", **(self.worker_env or {})}
+        name = f"worker-{index}-{time.monotonic_ns()}"
+        env = {**os.environ, **_settings_env(settings), "MOMENTS_WORKER_NAME": name, **(self.worker_env or {})}
         gpus = worker_gpus(settings)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        elif self.worker_count > 1 and "OMP_NUM_THREADS" not in env:
+            # CPU workers share the cores: each gets its part, not all of them (no oversubscription).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.worker_count))
         proc = subprocess.Popen([sys.executable, "-m", "moments.app.cli", "worker"], env=env)
         self.workers.append(proc)
+        self.worker_names.append(name)
         return proc
 
     def wait_for_workers(self, count: int | None = None, timeout_s: float = 180.0) -> None:
@@ -111,7 +121,38 @@ class Stack:
             time.sleep(0.2)
         raise TimeoutError(f"{want} workers did not start within {timeout_s} s")
 
+    async def _reap(self) -> None:
+        """Watch the worker processes: one that exits is logged and its heartbeat dropped at once, so
+        the other workers claim back what was handed to it (not after the lease) and hand it no more;
+        sets ``all_exited`` once every one has exited."""
+        reported: set[int] = set()
+        redis = connect(self.settings)
+        try:
+            while True:
+                for index, proc in enumerate(list(self.workers)):
+                    if proc.poll() is None or index in reported:
+                        continue
+                    reported.add(index)
+                    log.warning("worker %d (%s) exited with code %s", index, self.worker_names[index], proc.returncode)
+                    try:
+                        await redis.hdel(keys.WORKERS_HASH, self.worker_names[index])
+                        await redis.hdel(keys.WORKER_LANES, self.worker_names[index])
+                    except Exception:  # noqa: BLE001 - Redis gone: the heartbeat goes stale by itself
+                        log.warning("could not drop the heartbeat of %s", self.worker_names[index])
+                if self.workers and len(reported) == len(self.workers):
+                    self.all_exited.set()
+                await asyncio.sleep(WORKER_POLL_S)
+        finally:
+            await redis.aclose()
+
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except asyncio.CancelledError:
+                pass
+            self._reaper = None
         if self.front is not None:
             await self.front.stop(grace_s=5.0)
             self.front = None
@@ -125,6 +166,7 @@ class Stack:
                 proc.kill()
                 proc.wait()
         self.workers.clear()
+        self.worker_names.clear()
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
@@ -145,6 +187,11 @@ def worker_gpus(settings: Settings) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [str(i) for i, line in enumerate(listed.splitlines()) if line.startswith("GPU ")]
+
+
+def default_worker_count(settings: Settings) -> int:
+    """``moments serve`` without ``--workers``: one worker per GPU it spreads over, else one."""
+    return len(worker_gpus(settings)) or 1
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:
@@ -170,10 +217,12 @@ def model_or_grounder(settings: Settings) -> Settings:
 WORKER_POLL_S = 0.5
 
 
-async def serve_forever(settings: Settings, workers: int) -> int:
+async def serve_forever(settings: Settings, workers: int | None) -> int:
     """Run until SIGTERM/SIGINT (exit 0), or until every worker this command started has exited
     (exit 1: nothing of this machine can answer; the workers said why). A model directory that
-    does not exist stops it before anything starts (exit 2)."""
+    does not exist stops it before anything starts (exit 2). ``workers`` None: one per device."""
+    if workers is None:
+        workers = default_worker_count(settings)
     if workers and missing_local_model(settings.model):
         print(f"error: the model directory {settings.model} does not exist", file=sys.stderr)
         return 2
@@ -185,7 +234,7 @@ async def serve_forever(settings: Settings, workers: int) -> int:
     async with Stack(settings, workers=workers) as stack:
         print(f"Moments listening on {stack.target} (redis {stack.settings.redis_url or stack.settings.redis_sentinels}); it answers "
               f"once a worker has loaded {settings.model}", flush=True)
-        watch = asyncio.create_task(_watch_workers(stack))
+        watch = asyncio.create_task(_wait_for_exits(stack, workers))
         await asyncio.wait([watch, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if watch.done():
             print(f"error: every worker exited (exit codes {[p.returncode for p in stack.workers]}); "
@@ -196,15 +245,9 @@ async def serve_forever(settings: Settings, workers: int) -> int:
     return 0
 
 
-async def _watch_workers(stack: Stack) -> None:
-    """Reap worker processes as they exit, saying so; returns once every one of them has."""
-    reported: set[int] = set()
-    while stack.workers:
-        for index, proc in enumerate(stack.workers):
-            if proc.poll() is not None and index not in reported:
-                reported.add(index)
-                log.warning("worker %d exited with code %s", index, proc.returncode)
-        if len(reported) == len(stack.workers):
-            return
-        await asyncio.sleep(WORKER_POLL_S)
-    await asyncio.Event().wait()  # --workers 0: a front end alone runs until stopped
+async def _wait_for_exits(stack: Stack, workers: int) -> None:
+    """Return once every worker has exited (the stack's reaper says which); never with ``--workers 0``
+    (a front end alone runs until stopped)."""
+    if not workers:
+        await asyncio.Event().wait()
+    await stack.all_exited.wait()

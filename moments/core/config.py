@@ -81,8 +81,19 @@ class Settings:
     allow_networks: str = _setting(
         "", "Comma list of networks (CIDR) that outbound URLs (ingest, webhooks) may reach despite being "
             "private, loopback or link-local; empty = public addresses only")
+    # Webhooks (callback_url of jobs); outbound addresses follow allow_networks.
+    webhook_secret: str = _setting("", "HMAC-SHA256 key of webhook signatures (never logged); empty and no "
+                                       "tenant secret = callback_url refused")
+    webhook_tenant_secrets: str = _setting("", "Comma list of tenant:secret, a tenant's own webhook key "
+                                               "(overrides webhook_secret for it)")
+    webhook_max_attempts: int = _setting(8, "Webhook POSTs per event before it goes to the dead-letter stream")
+    webhook_backoff_s: float = _setting(2.0, "Pause after a webhook's first failed attempt; doubles per "
+                                             "attempt (at most 1 hour), with jitter")
+    webhook_timeout_s: float = _setting(10.0, "Time limit of one webhook POST (connect to answer)")
     probe_timeout_s: float = _setting(30.0, "Time limit of the child process that probes a file")
     probe_memory_bytes: int = _setting(2 * 1024**3, "Address-space limit of the probe child")
+    max_probes: int = _setting(0, "Probe children one front end runs at once (0 = one per core); more uploads "
+                                  "wait their turn, and the wait does not count toward probe_timeout_s")
     model: str = _setting(DEFAULT_MODEL, "Hub id or local directory of the Qwen2.5-VL checkpoint")
     device: str = _setting("auto", "Torch device for the worker (auto, cpu, cuda, cuda:1)")
     dtype: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
@@ -106,14 +117,19 @@ class Settings:
     search_max_passes: int = _setting(64, "Most model passes (windows) per query in a search")
     search_max_visual_tokens: int = _setting(
         4_000_000, "Most visual tokens over all passes of one query's search")
+    search_fanout_jobs: int = _setting(4, "SearchVideos: most Localize jobs one library search has queued or running")
+    search_max_results: int = _setting(1000, "SearchVideos: largest limit (segments in the final results)")
+    search_max_videos: int = _setting(10000, "SearchVideos: most videos one library search covers")
     decode_backend: str = _setting("auto", "auto, pyav or decord")
     decode_threads: int = _setting(0, "Chunks of one video decoded in parallel (0 = one per core, at most 8)")
     token_cache_ttl_s: int = _setting(7 * 24 * 3600, "TTL of cached visual tokens in Redis")
     token_cache_chunk_bytes: int = _setting(8 * 1024**2, "Chunk size of cached visual tokens")
     kv_cache_bytes: int = _setting(4 * 1024**3, "Worker memory for hot KV prefixes (0 = off)")
-    kv_affinity: bool = _setting(True, "Hand a job to the idle worker holding its KV prefix")
+    kv_affinity: bool = _setting(
+        True, "Hand a job to the live worker holding its KV prefix, unless it has 2 x its lanes jobs pending")
     worker_gpus: str = _setting(
-        "", "GPUs `moments serve` spreads its workers over, one each in turn (comma list; empty = every visible GPU)")
+        "", "GPUs `moments serve` spreads its workers over, one each in turn (comma list, also --devices; "
+            "empty = every visible GPU)")
     worker_jobs: int = _setting(
         0, "Jobs a worker runs at once, their questions decoding in the same steps (0 = 8 on CUDA, 1 on CPU)")
     worker_name: str = _setting("", "Consumer name in the job group (default host-pid)")

@@ -33,8 +33,11 @@ class FailedPrecondition(MomentsError):
     ``reason`` (an ErrorInfo reason such as SOURCE_UNAVAILABLE) with ``metadata`` names other causes."""
 
     def __init__(self, message: str, *, committed_bytes: int | None = None, upload_id: str = "",
-                 reason: str = "", metadata: dict[str, str] | None = None) -> None:
+                 reason: str = "", metadata: dict[str, str] | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
+        self.retry_after_s = retry_after_s
+        """Set when waiting fixes it (UPLOAD_BUSY: until the other stream's lock lapses): a RetryInfo."""
         self.committed_bytes = committed_bytes
         self.upload_id = upload_id
         self.reason = reason

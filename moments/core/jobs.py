@@ -20,8 +20,12 @@ FAILED = "failed"
 
 EVENTS_TTL_S = 3600
 """A finished job's hash and events stay this long for late readers and retried calls."""
-HEARTBEAT_INTERVAL_S = 2.0
-"""Workers write their heartbeat this often (``Settings.worker_stale_s`` says when one is gone)."""
+HEARTBEAT_INTERVAL_S = 1.0
+"""Workers write their heartbeat this often (``Settings.worker_stale_s`` says when the front end
+calls the service unavailable)."""
+WORKER_DEAD_AFTER_S = 2.5
+"""A worker whose heartbeat is older than this (or gone) is dead to the other workers: nothing is
+handed to it, and the entries in its pending list are claimed back at once, not after the lease."""
 
 
 @dataclass(frozen=True)

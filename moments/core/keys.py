@@ -9,8 +9,8 @@ DEAD_LETTER_STREAM = f"{PREFIX}:jobs:dead"
 """Jobs that failed ``job_max_attempts`` times, with the last error."""
 WORKERS_HASH = f"{PREFIX}:workers"
 """worker name -> last heartbeat (unix seconds); used for UNAVAILABLE when none is alive."""
-WORKERS_BUSY = f"{PREFIX}:workers:busy"
-"""worker name -> id of the job it runs ("" when idle); used for KV-prefix affinity."""
+WORKER_LANES = f"{PREFIX}:workers:lanes"
+"""worker name -> jobs it runs at once; KV-prefix affinity hands a worker at most twice that many."""
 VIDEO_INDEX = f"{PREFIX}:videos"
 """Sorted set of every stored video id, scored by first upload time."""
 OPEN_JOBS = f"{PREFIX}:jobs:open"
@@ -57,11 +57,6 @@ def upload(upload_id: str) -> str:
 def upload_writer(upload_id: str) -> str:
     """String with expiry: a random token held by the one stream (or janitor) touching an upload."""
     return f"{PREFIX}:upload:{upload_id}:writer"
-
-
-def tenant_upload_streams(tenant: str) -> str:
-    """Sorted set: a token per upload stream a tenant has open, scored by when it stops counting."""
-    return f"{PREFIX}:tenant:{tenant}:upload_streams"
 
 
 def tenant_pending_uploads(tenant: str) -> str:
@@ -134,6 +129,11 @@ def inflight(tenant: str) -> str:
     return f"{PREFIX}:inflight:{tenant}"
 
 
+def worker_wake(worker: str) -> str:
+    """Stream: one entry per job handed to ``worker``, waking its blocked read to run the job now."""
+    return f"{PREFIX}:worker:{worker}:wake"
+
+
 def kv_owner(cache_key: str) -> str:
     """String: the worker holding the hot KV prefix of a token-cache key (affinity hint)."""
     return f"{PREFIX}:kv:{cache_key}:owner"
@@ -142,3 +142,15 @@ def kv_owner(cache_key: str) -> str:
 def event_reader_wake(reader_id: str) -> str:
     """Stream (short, with expiry): entries that wake one front end's shared event reader."""
     return f"{PREFIX}:events:reader:{reader_id}:wake"
+
+
+# Webhooks: one delivery (a hash) per job with a callback_url, due times in a sorted set.
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+"""Sorted set of delivery ids scored by the unix ms they are due; a claim pushes the score forward."""
+WEBHOOKS_DEAD = f"{PREFIX}:webhooks:dead"
+"""Stream of webhook events that failed ``webhook_max_attempts`` times, with the body and last error."""
+
+
+def webhook(delivery_id: str) -> str:
+    """Hash: one webhook delivery (url, tenant, body, attempts, last_error)."""
+    return f"{PREFIX}:webhook:{delivery_id}"

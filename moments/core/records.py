@@ -352,6 +352,8 @@ class Job:
     created_s: float = field(default_factory=time.time)
     deadline_s: float = 0.0
     """Unix time after which nobody waits for the result (0 = none)."""
+    callback_url: str = ""
+    """Webhook POSTed when the job ends (checked by the front end; empty = none)."""
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -380,7 +382,8 @@ class Job:
         return cls(kind=kind, video_id=request.video_id, queries=queries,
                    sampling=sampling.with_defaults(settings), max_new_tokens=max_new_tokens,
                    min_confidence=min_confidence or settings.min_confidence,
-                   search=search.with_defaults(settings), tenant=tenant)
+                   search=search.with_defaults(settings), tenant=tenant,
+                   callback_url=request.callback_url.strip())
 
     def check_video(self, video: "VideoInfo") -> None:
         """Raise InvalidArgument when the request does not fit the video (e.g. a range past its end)."""

@@ -196,12 +196,14 @@ class SamplingOptions(_message.Message):
     def __init__(self, max_fps: _Optional[float] = ..., max_frames: _Optional[int] = ..., budget_tokens: _Optional[int] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class IndexVideoRequest(_message.Message):
-    __slots__ = ("video_id", "sampling")
+    __slots__ = ("video_id", "sampling", "callback_url")
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     video_id: str
     sampling: SamplingOptions
-    def __init__(self, video_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
+    callback_url: str
+    def __init__(self, video_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
     __slots__ = ("mode", "min_event", "max_rounds", "max_passes", "max_visual_tokens")
@@ -226,20 +228,22 @@ class SearchOptions(_message.Message):
     def __init__(self, mode: _Optional[_Union[SearchOptions.Mode, str]] = ..., min_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_rounds: _Optional[int] = ..., max_passes: _Optional[int] = ..., max_visual_tokens: _Optional[int] = ...) -> None: ...
 
 class LocalizeRequest(_message.Message):
-    __slots__ = ("video_id", "queries", "sampling", "max_new_tokens", "min_confidence", "search")
+    __slots__ = ("video_id", "queries", "sampling", "max_new_tokens", "min_confidence", "search", "callback_url")
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     SEARCH_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     video_id: str
     queries: _containers.RepeatedScalarFieldContainer[str]
     sampling: SamplingOptions
     max_new_tokens: int
     min_confidence: float
     search: SearchOptions
-    def __init__(self, video_id: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., search: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+    callback_url: str
+    def __init__(self, video_id: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., search: _Optional[_Union[SearchOptions, _Mapping]] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("start_offset", "end_offset", "confidence")
@@ -343,3 +347,73 @@ class Progress(_message.Message):
     message: str
     round: int
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., message: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class SearchVideosRequest(_message.Message):
+    __slots__ = ("queries", "video_ids", "all_of_mine", "min_confidence", "limit", "sampling", "max_new_tokens", "search")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_OF_MINE_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedScalarFieldContainer[str]
+    video_ids: _containers.RepeatedScalarFieldContainer[str]
+    all_of_mine: bool
+    min_confidence: float
+    limit: int
+    sampling: SamplingOptions
+    max_new_tokens: int
+    search: SearchOptions
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., video_ids: _Optional[_Iterable[str]] = ..., all_of_mine: _Optional[bool] = ..., min_confidence: _Optional[float] = ..., limit: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., search: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+
+class SearchProgress(_message.Message):
+    __slots__ = ("videos_done", "videos_total")
+    VIDEOS_DONE_FIELD_NUMBER: _ClassVar[int]
+    VIDEOS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    videos_done: int
+    videos_total: int
+    def __init__(self, videos_done: _Optional[int] = ..., videos_total: _Optional[int] = ...) -> None: ...
+
+class VideoError(_message.Message):
+    __slots__ = ("video_id", "code", "message")
+    VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    video_id: str
+    code: str
+    message: str
+    def __init__(self, video_id: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SearchHit(_message.Message):
+    __slots__ = ("video_id", "query_index", "query", "segment", "score")
+    VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_INDEX_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    video_id: str
+    query_index: int
+    query: str
+    segment: Segment
+    score: float
+    def __init__(self, video_id: _Optional[str] = ..., query_index: _Optional[int] = ..., query: _Optional[str] = ..., segment: _Optional[_Union[Segment, _Mapping]] = ..., score: _Optional[float] = ...) -> None: ...
+
+class SearchResults(_message.Message):
+    __slots__ = ("hits", "videos_answered")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    VIDEOS_ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    videos_answered: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., videos_answered: _Optional[int] = ...) -> None: ...
+
+class SearchVideosEvent(_message.Message):
+    __slots__ = ("progress", "video_error", "results")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    progress: SearchProgress
+    video_error: VideoError
+    results: SearchResults
+    def __init__(self, progress: _Optional[_Union[SearchProgress, _Mapping]] = ..., video_error: _Optional[_Union[VideoError, _Mapping]] = ..., results: _Optional[_Union[SearchResults, _Mapping]] = ...) -> None: ...

@@ -48,8 +48,8 @@ class MomentsStub:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
-    says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse, "callback_url"
+    for a refused webhook URL) and .description says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
     FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
@@ -58,7 +58,8 @@ class MomentsStub:
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
-    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    closing a cut stream, or a front end died holding it); retry after the RetryInfo's
+    retry_delay (the other stream's hold lapses within 10 s). metadata["upload_id"].
     reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
@@ -143,6 +144,11 @@ class MomentsStub:
                 request_serializer=moments_dot_v1_dot_moments__pb2.LocalizeRequest.SerializeToString,
                 response_deserializer=moments_dot_v1_dot_moments__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.SearchVideos = channel.unary_stream(
+                '/moments.v1.Moments/SearchVideos',
+                request_serializer=moments_dot_v1_dot_moments__pb2.SearchVideosRequest.SerializeToString,
+                response_deserializer=moments_dot_v1_dot_moments__pb2.SearchVideosEvent.FromString,
+                _registered_method=True)
 
 
 class MomentsServicer:
@@ -168,8 +174,8 @@ class MomentsServicer:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
-    says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse, "callback_url"
+    for a refused webhook URL) and .description says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
     FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
@@ -178,7 +184,8 @@ class MomentsServicer:
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
-    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    closing a cut stream, or a front end died holding it); retry after the RetryInfo's
+    retry_delay (the other stream's hold lapses within 10 s). metadata["upload_id"].
     reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
@@ -302,6 +309,28 @@ class MomentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchVideos(self, request, context):
+        """Asks the same queries of many of the caller's videos (a list, or all of them) and ranks what was
+        found across the library by calibrated confidence. Each video is an ordinary Localize job (the
+        token cache and hot KV prefixes serve repeat searches), at most MOMENTS_SEARCH_FANOUT_JOBS (4)
+        of them queued or running at once per call. Streams `progress` after each video, a
+        `video_error` for each video that could not be answered, and last `results`.
+
+        A listed video the caller does not own (another tenant's, deleted, never uploaded) is a
+        `video_error` with code NOT_FOUND, and the rest are answered; so is a job that failed for one
+        video (ABORTED, or INVALID_ARGUMENT for a sampling range past its end). The whole search has
+        the call's deadline (see Limits: 600 s without one); cancelling the call or reaching its
+        deadline stops submitting jobs and cancels the ones in flight.
+
+        Errors: INVALID_ARGUMENT for no queries or a bad one (as Localize), a limit out of range, an
+        empty video list without all_of_mine (or a list with it), a malformed or repeated video id or a
+        list over MOMENTS_SEARCH_MAX_VIDEOS (10000); UNAVAILABLE when no worker is alive;
+        DEADLINE_EXCEEDED when the deadline passed first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MomentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +379,11 @@ def add_MomentsServicer_to_server(servicer, server):
                     request_deserializer=moments_dot_v1_dot_moments__pb2.LocalizeRequest.FromString,
                     response_serializer=moments_dot_v1_dot_moments__pb2.JobEvent.SerializeToString,
             ),
+            'SearchVideos': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchVideos,
+                    request_deserializer=moments_dot_v1_dot_moments__pb2.SearchVideosRequest.FromString,
+                    response_serializer=moments_dot_v1_dot_moments__pb2.SearchVideosEvent.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'moments.v1.Moments', rpc_method_handlers)
@@ -381,8 +415,8 @@ class Moments:
     trailer, binary) repeats code and message and carries details as google.protobuf.Any:
     INVALID_ARGUMENT + google.rpc.BadRequest: the request is wrong. field_violations[0].field names
     the field ("queries[2]", "header.sha256", "sampling.max_fps", "chunk.data", "data" for a file
-    that is not a usable video, "source_uri" for an ingest URI the rules refuse) and .description
-    says why. Do not retry unchanged.
+    that is not a usable video, "source_uri" for an ingest URI the rules refuse, "callback_url"
+    for a refused webhook URL) and .description says why. Do not retry unchanged.
     NOT_FOUND: no such video or upload for this caller (finished, expired, deleted, never existed,
     or another tenant's).
     FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "moments.v1"), uploads and ingest:
@@ -391,7 +425,8 @@ class Moments:
     size_bytes were sent, and when a stream that stalled past its hold lost the upload.
     metadata["upload_id"] is the upload's id.
     reason "UPLOAD_BUSY": another stream still writes this upload (often the server is still
-    closing a cut stream); retry after a short wait (say 0.2 s, doubling). metadata["upload_id"].
+    closing a cut stream, or a front end died holding it); retry after the RetryInfo's
+    retry_delay (the other stream's hold lapses within 10 s). metadata["upload_id"].
     reason "SOURCE_UNAVAILABLE" (IngestVideo): the source could not be reached, timed out or
     answered with an error; the message says which, metadata["source_uri"] names it.
     RESOURCE_EXHAUSTED + google.rpc.RetryInfo: retry after retry_delay. The job queue is full
@@ -658,6 +693,33 @@ class Moments:
             '/moments.v1.Moments/StreamLocalize',
             moments_dot_v1_dot_moments__pb2.LocalizeRequest.SerializeToString,
             moments_dot_v1_dot_moments__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchVideos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moments.v1.Moments/SearchVideos',
+            moments_dot_v1_dot_moments__pb2.SearchVideosRequest.SerializeToString,
+            moments_dot_v1_dot_moments__pb2.SearchVideosEvent.FromString,
             options,
             channel_credentials,
             insecure,
