@@ -27,6 +27,9 @@ def stack_settings(redis_url: str, data_dir: Path, model_dir: Path, **overrides)
         job_lease_s=6.0,
         probe_timeout_s=20.0,
         kv_cache_bytes=256 * 1024**2,
+        # Every test's client is the same loopback peer on the session's Redis: failed-auth throttling
+        # (on by default) would carry one test's wrong keys into the next. Its own test switches it on.
+        auth_failures_max=0,
     )
     base.update(overrides)
     return Settings.from_env(environ={}, **base)

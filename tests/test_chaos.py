@@ -107,5 +107,7 @@ def test_short_chaos_run_loses_nothing(tmp_path):
     assert report.non_retryable == [], table
     assert report.final_call == "ok", table
     assert report.exited == [], table
-    assert all(v is not None for values in report.recovery().values() for v in values), table
+    # Recovery times are the benchmark's figure (benchmarks/chaos.py): in a 34 s run a call kind made
+    # every fourth round may not come round again after the last fault, so they are printed, not
+    # asserted here.
     assert sum(c.outcome == "ok" for c in report.calls) > 10, table

@@ -188,9 +188,11 @@ async def _open_idle(stub, tenant: str, index: int, size_bytes: int, sent: async
         return exc
 
 
-def test_idle_upload_streams_of_a_key_are_capped(stack_factory):
+def test_idle_upload_streams_of_a_key_are_capped(stack_factory, redis_url):
     cap = 4
-    with stack_factory(workers=0, api_keys=key_spec(), max_open_uploads=cap) as s:
+    # A clean database: pending bytes, upload states and failed-auth counts of earlier tests of the
+    # session (same tenants, same loopback peer) must not count here.
+    with stack_factory(workers=0, api_keys=key_spec(), max_open_uploads=cap, redis_url=redis_url) as s:
         async def scenario():
             async with grpc.aio.insecure_channel(s.target) as channel:
                 stub = pb_grpc.MomentsStub(channel)
@@ -226,8 +228,9 @@ def test_pending_upload_bytes_of_a_key_are_capped(stack_factory):
 # ------------------------------------------------------------------ throttled failed authentication
 
 
-def test_failed_authentication_is_throttled_without_telling_keys_apart(stack_factory):
-    with stack_factory(workers=0, api_keys=key_spec(), auth_failures_max=3, auth_failure_window_s=2.0) as s:
+def test_failed_authentication_is_throttled_without_telling_keys_apart(stack_factory, redis_url):
+    with stack_factory(workers=0, api_keys=key_spec(), auth_failures_max=3, auth_failure_window_s=2.0,
+                       redis_url=redis_url) as s:
         def call(key: str) -> grpc.RpcError | None:
             with MomentsClient(s.target, api_key=key) as client:
                 try:
