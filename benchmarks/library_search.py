@@ -21,13 +21,11 @@ and repeated, with where each job's visual tokens came from (miss, Redis token c
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import platform
 import random
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,7 +35,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moments.app.client import MomentsClient  # noqa: E402
-from moments.app.serve import Stack  # noqa: E402
 from moments.core import keys  # noqa: E402
 from moments.core.jobs import Event as JobEvent  # noqa: E402
 from moments.core.records import EVENT_DONE  # noqa: E402
@@ -90,33 +87,6 @@ def _random_event(rng: random.Random, seconds: float, color: str, shape: str, la
 def precision_at(ranked: list[bool], k: int) -> float:
     """Relevant among the first ``k`` (missing ranks count as not relevant)."""
     return sum(ranked[:k]) / k
-
-
-class ThreadedStack:
-    """A Stack whose event loop runs in a thread, so the blocking client can be used here."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.stack = Stack(settings, workers=1)
-
-    def run(self, coro, timeout_s: float = 300.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def __enter__(self) -> Stack:
-        """Starts the stack and waits for its worker; returns the Stack."""
-        self.run(self.stack.__aenter__())
-        self.stack.wait_for_workers(timeout_s=300)
-        self.run(self.stack.front.health.check())
-        return self.stack
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self.run(self.stack.close(), timeout_s=90)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
 
 
 def search(client: MomentsClient, video_ids: list[str], limit: int) -> tuple[float, object, list]:
@@ -176,14 +146,16 @@ def measure(args) -> dict:
         environ={}, redis_url="", data_dir=str(workdir / "data"), listen="127.0.0.1:0", model=args.model,
         device="cpu", budget_tokens=512, max_frames=64, max_new_tokens=24, job_timeout_s=3600.0,
         job_lease_s=60.0, kv_cache_bytes=512 * 1024**2, log_level="WARNING")
-    threaded = ThreadedStack(settings)
+    from tests.stack import ThreadedStack
+
+    threaded = ThreadedStack(settings, workers=1)
     out = {"machine": machine(), "model": args.model, "videos": args.videos, "query": ASKED, "libraries": {}}
     with threaded as stack, MomentsClient(stack.target, state_path=workdir / "state.json") as client:
         ids = {kind: [client.upload(p).video.video_id for p in kind_paths] for kind, kind_paths in paths.items()}
 
         def cache_outcomes() -> Counter:
             """Where the visual tokens of every finished job so far came from (its ``done`` event)."""
-            return threaded.run(_cache_outcomes(stack.front.redis))
+            return threaded.run(_cache_outcomes(stack.stack.front.redis))
 
         for negatives in ("easy", "hard"):
             positives = ids["with"] if negatives == "easy" else ids["with hard"]
