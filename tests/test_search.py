@@ -8,7 +8,8 @@ import pytest
 
 from moments.core.records import SearchRequest, VideoInfo
 from moments.media.sampling import SamplingOptions
-from moments.workers.search import Window, coarse_windows, join_pieces, merge_segments, overview_window, zoom_window
+from moments.workers.search import (PIECE_GAP_FRACTION, Window, coarse_windows, merge_segments, overview_window,
+                                    zoom_window)
 
 GROUNDER = SamplingOptions(max_frames=64, budget_tokens=512, min_pixels=56 * 56, max_pixels=2 * 56 * 56)
 """The tiny grounder's bounds (moments_sampling.json)."""
@@ -81,6 +82,10 @@ def test_merging_joins_overlapping_and_touching_segments_keeping_the_best_confid
     merged = merge_segments([(10.0, 14.0, 0.6), (13.0, 20.0, 0.9), (21.5, 25.0, 0.7), (40.0, 41.0, 0.8)], 2.0)
     assert merged == [(10.0, 25.0, 0.9), (40.0, 41.0, 0.8)]
     assert merge_segments([(0.0, 1.0, 0.5), (1.5, 2.0, 0.4)], 0.0) == [(0.0, 1.0, 0.5), (1.5, 2.0, 0.4)]
+
+
+def join_pieces(segments):
+    return merge_segments(segments, gap_fraction=PIECE_GAP_FRACTION)
 
 
 def test_pieces_of_a_long_event_join_but_close_short_occurrences_stay_apart():

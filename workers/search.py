@@ -144,30 +144,19 @@ def zoom_window(info: VideoInfo, options: SamplingOptions, candidate: tuple[floa
     return Window(opts, plan, 2)
 
 
-def join_pieces(segments: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
-    """Merge overlapping segments, and neighbours whose gap is at most ``PIECE_GAP_FRACTION`` of their
+def merge_segments(segments: list[tuple[float, float, float]], gap_s: float = 0.0,
+                   gap_fraction: float = 0.0) -> list[tuple[float, float, float]]:
+    """(start, end, confidence) from several windows: overlapping ones become one, with the higher
+    confidence, and so do neighbours whose gap is at most ``gap_s`` or ``gap_fraction`` of their
     summed lengths (one long event answered in pieces by consecutive windows)."""
-    joined: list[tuple[float, float, float]] = []
-    for a, b, c in sorted(segments):
-        if joined:
-            pa, pb, pc = joined[-1]
-            if a <= pb or a - pb <= PIECE_GAP_FRACTION * ((pb - pa) + (b - a)):
-                joined[-1] = (pa, max(pb, b), max(pc, c))
-                continue
-        joined.append((a, b, c))
-    return joined
-
-
-def merge_segments(segments: list[tuple[float, float, float]], gap_s: float) -> list[tuple[float, float, float]]:
-    """(start, end, confidence) from several windows: overlapping or touching (within ``gap_s``) ones
-    become one, with the higher confidence."""
     merged: list[tuple[float, float, float]] = []
     for a, b, c in sorted(segments):
-        if merged and a <= merged[-1][1] + gap_s:
+        if merged:
             pa, pb, pc = merged[-1]
-            merged[-1] = (pa, max(pb, b), max(pc, c))
-        else:
-            merged.append((a, b, c))
+            if a <= pb + max(gap_s, gap_fraction * ((pb - pa) + (b - a))):
+                merged[-1] = (pa, max(pb, b), max(pc, c))
+                continue
+        merged.append((a, b, c))
     return merged
 
 
@@ -219,7 +208,7 @@ class Searcher:
                                       min_confidence) for q, query in enumerate(queries)]
         out = []
         for q, query in enumerate(queries):
-            kept = [(a, b, c) for a, b, c in join_pieces(found[q]) if c >= min_confidence]
+            kept = [(a, b, c) for a, b, c in merge_segments(found[q], gap_fraction=PIECE_GAP_FRACTION) if c >= min_confidence]
             out.append(QueryResult(q, query, tuple(Segment(a, b, c) for a, b, c in kept), texts[q],
                                    max([scores[q]] + [c for _, _, c in kept]), raws[q]))
         return out
